@@ -52,7 +52,8 @@ class RopeScaling:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RopeScaling":
         d = dict(d)
-        kind = d.pop("type", None) or d.pop("rope_type", None)
+        kind, alias = d.pop("type", None), d.pop("rope_type", None)  # older files: type; transformers 5: both
+        kind = kind or alias
         d.pop("rope_theta", None)  # transformers 5 keeps the base inside `rope_parameters`
         known = {f.name for f in dataclasses.fields(cls)} - {"type"}
         unknown = sorted(set(d) - known)
@@ -231,8 +232,12 @@ class ModelConfig:
         else:
             raise TypeError(f"config source: expected a path or a dict, got {type(source).__name__}")
         d = _normalize_rope_keys(d)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields}
+        for key, value in _MODEL_TYPE_DEFAULTS.get(d.get("model_type"), {}).items():
+            if d.get(key) is None:
+                d[key] = value
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        # a null in the file means "the default" unless None is itself meaningful (q_lora_rank, kv_lora_rank...)
+        kwargs = {k: v for k, v in d.items() if k in defaults and not (v is None and defaults[k] is not None)}
         kwargs.setdefault("name", d.get("_name", name))
         kwargs.setdefault("source", d.get("_source", ""))
         if "head_dim" in kwargs and kwargs.get("kv_lora_rank") is not None:
@@ -248,6 +253,13 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["_name"], d["_source"] = d.pop("name"), d.pop("source")
         return d
+
+
+# What a config.json leaves out means different things per model type: transformers' DeepseekV3Config, for
+# instance, writes neither scoring_func nor topk_method, because its V3 router is always sigmoid + bias-corrected.
+_MODEL_TYPE_DEFAULTS = {
+    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+}
 
 
 def _normalize_rope_keys(d: dict[str, Any]) -> dict[str, Any]:

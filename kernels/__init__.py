@@ -1,0 +1,5 @@
+"""Triton kernels for the course, each checked against `refimpl` (on a CPU under TRITON_INTERPRET=1).
+
+Planned families, in teaching order (see the design): softmax / RMSNorm warm-ups, tiled matmul, causal flash
+attention, MLA decode over the latent cache, MoE token permutation and grouped GEMM. None has landed yet.
+"""

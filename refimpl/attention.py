@@ -1,0 +1,224 @@
+"""Multi-head attention and its cheaper-cache variants, MQA and GQA, with a KV cache.
+
+Scaled dot-product attention (Vaswani et al. 2017, section 3.2.1):
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V
+
+Multi-head attention (MHA) runs `num_attention_heads` of these side by side, each with its own keys and values.
+To generate a token, a decoder needs the keys and values of every earlier token in every layer, so it keeps them:
+the KV cache, `2 * num_key_value_heads * head_dim` numbers per token per layer, growing linearly with the context.
+Two ways to shrink it by sharing keys and values between query heads:
+
+* Multi-Query Attention (MQA, Shazeer 2019): one key/value head serves all query heads;
+* Grouped-Query Attention (GQA, Ainslie et al. 2023): `num_key_value_heads` groups, each serving
+  `num_attention_heads // num_key_value_heads` consecutive query heads (Llama 2 70B, Llama 3, Mistral).
+
+MHA is GQA with as many key/value heads as query heads, and MQA is GQA with one, so `Attention` implements GQA.
+DeepSeek-V2 (section 2.1) compares these with its own answer, Multi-head Latent Attention (`refimpl.mla`).
+
+Parameter names are those of Llama checkpoints (`q_proj`, `k_proj`, `v_proj`, `o_proj`), and RoPE uses Llama's
+half-split layout (`refimpl.rope`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from refimpl.checks import check_same_dtype_device, check_shape, check_tensor
+from refimpl.config import ModelConfig
+from refimpl.rope import RotaryEmbedding, apply_rope, softmax_scale
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v, per batch and head.
+
+    q: [batch, heads, q_len, d], k: [batch, heads, kv_len, d], v: [batch, heads, kv_len, d_v]
+    -> [batch, heads, q_len, d_v].
+    mask: bool, True where a query may attend to a key, shape [batch or 1, heads or 1, q_len, kv_len].
+    scale: default d ** -0.5.
+    is_causal: the queries are the *last* q_len of the kv_len positions (query i sits at position
+    kv_len - q_len + i) and see the keys at or before their position; combined with `mask` if both are given.
+    A query that may attend to no key gets NaN.
+    """
+    check_tensor("q", q, ndim=4, dtype_floating=True)
+    batch, heads, q_len, d = q.shape
+    check_shape("k", k, (batch, heads, None, d))
+    kv_len = k.shape[2]
+    check_shape("v", v, (batch, heads, kv_len, None))
+    check_same_dtype_device("k", k, q, "q")
+    check_same_dtype_device("v", v, q, "q")
+    if scale is None:
+        scale = d ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale: expected a positive number or None, got {scale!r}")
+    if mask is not None:
+        _check_mask(mask, q, batch, heads, q_len, kv_len)
+
+    # softmax in float32 (float64 for float64 input), as DeepSeek's released code does
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q @ k.transpose(-2, -1)).to(compute_dtype) * scale  # [batch, heads, q_len, kv_len]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(q_len, kv_len, q.device), float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)  # [batch, heads, q_len, kv_len]
+    return probs @ v  # [batch, heads, q_len, d_v]
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """[q_len, kv_len] bool, True where query i (at position kv_len - q_len + i) may see key j (j <= that position).
+
+    Note: torch.nn.functional.scaled_dot_product_attention(is_causal=True) aligns the queries with the *first*
+    q_len keys instead (top-left); aligning them with the last ones (bottom-right) is what decoding with a cache
+    needs, where the q_len new tokens come after the kv_len - q_len cached ones.
+    """
+    if q_len > kv_len:
+        raise ValueError(
+            f"is_causal: expected q_len <= kv_len (the queries are the last q_len of the kv_len positions), "
+            f"got q_len={q_len}, kv_len={kv_len}"
+        )
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
+def _check_mask(mask, q: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected dtype torch.bool (True = may attend), got {mask.dtype}")
+    if (mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads)
+            or mask.shape[2:] != (q_len, kv_len)):
+        raise ValueError(
+            f"mask: expected shape ({batch} or 1, {heads} or 1, {q_len}, {kv_len}), got {tuple(mask.shape)}"
+        )
+    if mask.device != q.device:
+        raise ValueError(f"mask: expected device {q.device} (that of q), got {mask.device}")
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[batch, kv_heads, seq, d] -> [batch, kv_heads * n_rep, seq, d]: key/value head g serves query heads
+    g * n_rep ... g * n_rep + n_rep - 1 (consecutive, as in Llama and the GQA paper)."""
+    check_tensor("x", x, ndim=4)
+    if isinstance(n_rep, bool) or not isinstance(n_rep, int) or n_rep < 1:
+        raise ValueError(f"n_rep: expected a positive int, got {n_rep!r}")
+    return x.repeat_interleave(n_rep, dim=1)
+
+
+class KVCache:
+    """The keys and values of one attention layer for every token so far: preallocated for `max_len` tokens.
+
+    k, v: [batch, num_key_value_heads, max_len, head_dim]. Meant for generation under torch.no_grad().
+    """
+
+    def __init__(self, batch_size: int, num_key_value_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        for name, value in (("batch_size", batch_size), ("num_key_value_heads", num_key_value_heads),
+                            ("max_len", max_len), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        self.batch_size, self.num_key_value_heads, self.max_len, self.head_dim = (
+            batch_size, num_key_value_heads, max_len, head_dim)
+        self.k = torch.zeros(batch_size, num_key_value_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def numbers_per_token(self) -> int:
+        """Numbers cached per token (per layer): a key and a value for each key/value head."""
+        return 2 * self.num_key_value_heads * self.head_dim
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v: [batch, kv_heads, seq, head_dim] at positions start_pos ... start_pos + seq - 1;
+        return the cached keys and values of positions 0 ... start_pos + seq - 1: [batch, kv_heads, end, head_dim]."""
+        check_shape("k", k, (self.batch_size, self.num_key_value_heads, None, self.head_dim))
+        check_shape("v", v, tuple(k.shape))
+        check_same_dtype_device("k", k, self.k, "the cache")
+        check_same_dtype_device("v", v, self.v, "the cache")
+        _check_start_pos(start_pos)
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(
+                f"start_pos: {k.shape[2]} tokens at start_pos {start_pos} reach position {end - 1}, "
+                f"past the cache length max_len={self.max_len}"
+            )
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def _check_start_pos(start_pos) -> None:
+    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+        raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE (Llama layout): MHA, GQA or MQA depending on `num_key_value_heads`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config: expected a refimpl.config.ModelConfig, got {type(config).__name__}")
+        if config.is_mla:
+            raise ValueError(
+                f"config: expected a dense-attention config (kv_lora_rank None), got an MLA config "
+                f"(kv_lora_rank={config.kv_lora_rank}); use refimpl.mla for it"
+            )
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads  # query heads per KV head
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(self.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=bias)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta, config.rope_scaling)
+        self.softmax_scale = softmax_scale(self.head_dim, config.rope_scaling)
+
+    def forward(self, hidden_states: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """hidden_states: [batch, seq, hidden] at positions start_pos ... start_pos + seq - 1 -> [batch, seq, hidden].
+
+        With a cache: the new keys and values are written into it and the queries attend, causally, to every
+        cached position up to their own. Without: causal attention within hidden_states.
+        """
+        check_shape("hidden_states", hidden_states, (None, None, self.hidden_size))
+        check_same_dtype_device("hidden_states", hidden_states, self.q_proj.weight)
+        batch, seq, _ = hidden_states.shape
+        _check_start_pos(start_pos)
+        if cache is not None:
+            self._check_cache(cache, batch)
+        q = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(batch, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        # q: [batch, heads, seq, head_dim], k, v: [batch, kv_heads, seq, head_dim]
+        positions = torch.arange(start_pos, start_pos + seq, device=hidden_states.device)
+        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)  # [seq, head_dim / 2]
+        # Llama's half-split pairs; config.rope_interleave describes DeepSeek's MLA checkpoints and is not used here
+        q = apply_rope(q, cos, sin, interleaved=False)
+        k = apply_rope(k, cos, sin, interleaved=False)
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)  # [batch, kv_heads, start_pos + seq, head_dim]
+        k = repeat_kv(k, self.num_key_value_groups)  # [batch, heads, kv_len, head_dim]
+        v = repeat_kv(v, self.num_key_value_groups)
+        out = scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, is_causal=True)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # [batch, seq, heads * head_dim]
+        return self.o_proj(out)  # [batch, seq, hidden]
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache for this layer, with the module's dtype and device."""
+        weight = self.q_proj.weight
+        return KVCache(batch_size, self.num_key_value_heads, max_len, self.head_dim, weight.dtype, weight.device)
+
+    def _check_cache(self, cache, batch: int) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache or None, got {type(cache).__name__}")
+        want = (batch, self.num_key_value_heads, self.head_dim)
+        got = (cache.batch_size, cache.num_key_value_heads, cache.head_dim)
+        if got != want:
+            raise ValueError(f"cache: expected (batch_size, num_key_value_heads, head_dim) = {want}, got {got}")

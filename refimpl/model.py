@@ -1,0 +1,216 @@
+"""A DeepSeek-V2/V3 decoder: MLA attention, a dense FFN in the first layers, DeepSeekMoE after that.
+
+    x = embed_tokens(input_ids)                      # [batch, seq, hidden]
+    for each layer:                                  # pre-norm residual blocks
+        x = x + self_attn(input_layernorm(x))        # Multi-head Latent Attention (refimpl.mla)
+        x = x + mlp(post_attention_layernorm(x))     # MLP for layer < first_k_dense_replace, else DeepSeekMoE
+    logits = lm_head(norm(x))                        # [batch, seq, vocab]
+
+Module names follow the Hugging Face checkpoints (`model.layers.3.self_attn.kv_b_proj.weight`,
+`model.layers.3.mlp.experts.17.up_proj.weight`, ...), so `from_pretrained` loads a checkpoint folder by those
+names, with nothing renamed. `generate` decodes with the latent MLA cache, on the absorbed path by default.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from refimpl.checks import check_token_ids
+from refimpl.config import ModelConfig
+from refimpl.mla import MLACache, MultiHeadLatentAttention
+from refimpl.moe import MLP, DeepSeekMoE
+from refimpl.norm import RMSNorm
+
+INIT_STD = 0.02  # std of the normal init for a model trained from scratch (transformers' initializer_range)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = DeepSeekMoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, start_pos: int = 0, cache: MLACache | None = None, mode: str = "naive"):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, cache, mode)  # [batch, seq, hidden]
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepSeekModel(nn.Module):
+    """The decoder stack without the output head (checkpoint prefix `model.`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, start_pos: int = 0, caches: list[MLACache] | None = None, mode: str = "naive"):
+        x = self.embed_tokens(input_ids)  # [batch, seq, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, start_pos, None if caches is None else caches[i], mode)
+        return self.norm(x)
+
+
+class DeepSeekForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not config.is_mla:
+            raise ValueError("config: DeepSeekForCausalLM needs an MLA config (kv_lora_rank set), got kv_lora_rank=None")
+        self.config = config
+        self.model = DeepSeekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(_init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids, start_pos: int = 0, caches: list[MLACache] | None = None,
+                mode: str = "naive") -> torch.Tensor:
+        """input_ids: [batch, seq] -> logits [batch, seq, vocab]. With caches, input_ids start at `start_pos`."""
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
+        if caches is not None and len(caches) != self.config.num_hidden_layers:
+            raise ValueError(f"caches: expected one per layer ({self.config.num_hidden_layers}), got {len(caches)}")
+        return self.lm_head(self.model(input_ids, start_pos, caches, mode))
+
+    def new_caches(self, batch_size: int, max_len: int) -> list[MLACache]:
+        return [layer.self_attn.new_cache(batch_size, max_len) for layer in self.model.layers]
+
+    def moe_layers(self) -> list[DeepSeekMoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, DeepSeekMoE)]
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int | None = None, eos_token_id: int | None = None, mode: str = "absorbed") -> torch.Tensor:
+        """Greedy (temperature 0, the default) or sampled continuation: [batch, prompt] -> [batch, prompt + new].
+
+        The prompt is processed in one prefill call, then one token per call, each reading the latent cache.
+        Rows that produced `eos_token_id` keep producing it; decoding stops when every row has.
+        """
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature: expected >= 0 (0 is greedy), got {temperature}")
+        if top_k is not None and not 0 < top_k <= self.config.vocab_size:
+            raise ValueError(f"top_k: expected 1..{self.config.vocab_size} or None, got {top_k}")
+        batch_size, prompt_len = input_ids.shape
+        total = prompt_len + max_new_tokens
+        if total > self.config.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens: expected at most max_position_embeddings "
+                             f"({self.config.max_position_embeddings}), got {total}")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+
+        caches = self.new_caches(batch_size, total)
+        tokens = input_ids
+        logits = self(input_ids, 0, caches, mode)[:, -1]  # prefill: [batch, vocab]
+        done = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            next_token = _pick(logits, temperature, top_k, generator)  # [batch]
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(done, eos_token_id)
+                done |= next_token == eos_token_id
+            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = self(next_token[:, None], prompt_len + step, caches, mode)[:, -1]
+        return tokens
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "DeepSeekForCausalLM":
+        """Load a Hugging Face DeepSeek-V2/V3 checkpoint folder (config.json + safetensors, single or sharded).
+
+        Every tensor is checked (names and shapes) before the model is returned; any missing, extra or wrongly
+        shaped tensor raises a ValueError that lists them. V3's multi-token-prediction layer (stored as layer
+        `num_hidden_layers`, e.g. `model.layers.61.*`) is not part of next-token inference: it is skipped with a
+        warning that says so.
+        """
+        path = Path(path)
+        config = ModelConfig.from_hf(path)
+        model = cls(config).to(dtype)
+        state = _read_safetensors(path)
+        state = _drop_mtp_layers(state, config)
+        if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+        _check_state(model.state_dict(), state)
+        model.load_state_dict(state, strict=True)  # copies into the model's dtype
+        return model.eval()
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=INIT_STD)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _pick(logits, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """logits [batch, vocab] -> next token ids [batch]."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]  # [batch, 1]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ValueError(f"checkpoint {path}: shards named in model.safetensors.index.json are missing: {missing}")
+        state = {}
+        for shard in shards:
+            state.update(load_file(path / shard))
+        return state
+    raise ValueError(f"checkpoint {path}: expected model.safetensors or model.safetensors.index.json, found neither")
+
+
+def _drop_mtp_layers(state: dict, config: ModelConfig) -> dict:
+    first_extra = f"model.layers.{config.num_hidden_layers}."
+    mtp = [k for k in state if k.startswith(first_extra)]
+    if mtp:
+        warnings.warn(
+            f"skipping {len(mtp)} tensors of the multi-token-prediction layer ({first_extra}*): DeepSeek-V3 uses it "
+            "for training and speculative decoding, not for next-token logits",
+            stacklevel=3,
+        )
+    return {k: v for k, v in state.items() if not k.startswith(first_extra)}
+
+
+def _check_state(expected: dict, given: dict) -> None:
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    wrong = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
+                   for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if extra:
+        hint = " (FP8 scale tensors: dequantize the checkpoint to BF16 first)" if any(
+            k.endswith("weight_scale_inv") for k in extra) else ""
+        problems.append(f"unexpected tensors {extra}{hint}")
+    if wrong:
+        problems.append(f"wrongly shaped tensors {wrong}")
+    if problems:
+        raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
