@@ -44,7 +44,7 @@ Names follow the checkpoints: `kv_a_proj_with_mqa` holds W^DKV stacked over W^KR
 key), `kv_b_proj` holds W^UK_i and W^UV_i interleaved per head, `q_b_proj` (or `q_proj`) holds W^UQ_i and
 W^QR_i interleaved per head, `o_proj` is W^O.
 
-Differences from the paper's equations, as in DeepSeek's released code (section 3.1.2 mentions them):
+Differences from the paper's equations, as in DeepSeek's released code and checkpoints:
   * RMSNorm after each compressed latent (`q_a_layernorm` on c^Q, `kv_a_layernorm` on c^KV); the cache holds
     the normalized c^KV;
   * the softmax scale is YaRN-corrected when context extension is on (`refimpl.rope.softmax_scale`).

@@ -23,7 +23,7 @@ from torch import nn
 from refimpl.checks import check_token_ids
 from refimpl.config import ModelConfig
 from refimpl.mla import MLACache, MultiHeadLatentAttention
-from refimpl.moe import MLP, DeepSeekMoE
+from refimpl.moe import MLP, DeepSeekMoE, Router
 from refimpl.norm import RMSNorm
 
 INIT_STD = 0.02  # std of the normal init for a model trained from scratch (transformers' initializer_range)
@@ -151,7 +151,7 @@ class DeepSeekForCausalLM(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Embedding)):
+    if isinstance(module, (nn.Linear, nn.Embedding, Router)):
         nn.init.normal_(module.weight, std=INIT_STD)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)

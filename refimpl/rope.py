@@ -78,8 +78,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = dim
         self.attention_factor = rope_attention_factor(scaling)
-        # float64 buffer: float32 angles at position 100k lose about 1e-2 rad; kept out of state_dict
-        self.register_buffer("inv_freq", rope_inv_freq(dim, base, scaling), persistent=False)
+        # A plain float64 tensor, not a buffer: `model.to(torch.bfloat16)` would cast a buffer, and bf16 angles
+        # at position 100k are off by whole radians. It is moved to the positions' device on each call.
+        self.inv_freq = rope_inv_freq(dim, base, scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):
         """positions: [seq] or [batch, seq] integers -> cos, sin: [..., seq, dim // 2] in `dtype`."""
@@ -89,7 +90,7 @@ class RotaryEmbedding(nn.Module):
                 f"positions: expected an integer tensor of shape [seq] or [batch, seq], "
                 f"got shape {tuple(positions.shape)} dtype {positions.dtype}"
             )
-        angles = positions.to(torch.float64)[..., None] * self.inv_freq.to(torch.float64)  # [..., seq, dim/2]
+        angles = positions.to(torch.float64)[..., None] * self.inv_freq.to(positions.device)  # [..., seq, dim/2]
         return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
 
 

@@ -191,3 +191,40 @@ def _check_has_bias(moe_layers) -> None:
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+def lesson_run(steps: int = LESSON_STEPS, bias_update_gamma: float = 0.0, progress: bool = True,
+               examples_per_domain: int = 2000):
+    """The lessons' recipe: `tiny_config` trained on the generated multi-domain corpus. -> (model, TrainLog)."""
+    from refimpl.data import encode_corpus, make_domain_corpus, split, token_batches
+    from refimpl.model import DeepSeekForCausalLM
+
+    train_ids, val_ids = split(encode_corpus(make_domain_corpus(examples_per_domain, seed=0), ByteTokenizer()), 0.1)
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_config())
+    eval_batches = list(token_batches(val_ids, LESSON_BATCH_SIZE, LESSON_SEQ_LEN, seed=1, num_batches=8))
+    log = train(model, token_batches(train_ids, LESSON_BATCH_SIZE, LESSON_SEQ_LEN, seed=0), steps=steps,
+                lr=LESSON_LR, eval_batches=eval_batches, eval_every=50, bias_update_gamma=bias_update_gamma,
+                progress=progress)
+    return model, log
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m refimpl.train [--steps N] [--gamma G]`: run the lessons' recipe and print its figures."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--steps", type=int, default=LESSON_STEPS)
+    parser.add_argument("--gamma", type=float, default=0.0, help="bias update speed (0: no balancing)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    _, log = lesson_run(args.steps, args.gamma, progress=False)
+    load = torch.stack(log.expert_load[-20:])  # [steps, n_moe_layers, n_routed_experts]
+    print(f"eval loss: {log.eval_loss[0]:.3f} at step 0 -> {log.eval_loss[-1]:.3f} at step {log.eval_step[-1]}")
+    print(f"wall time: {time.perf_counter() - start:.1f} s on {torch.get_num_threads()} threads")
+    print("busiest expert / mean load, last 20 steps, per MoE layer:",
+          [round(x, 2) for x in (load.amax(-1) / load.mean(-1)).mean(0).tolist()])
+
+
+if __name__ == "__main__":
+    main()

@@ -222,3 +222,11 @@ def test_bad_rope_scaling_raises():
     with pytest.raises(ValueError, match=r"rope_scaling: unknown fields \['low_freq_factor'\]"):
         RopeScaling.from_dict({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
                                "low_freq_factor": 1.0})
+
+
+def test_casting_the_module_keeps_the_frequencies_in_float64():
+    rope = RotaryEmbedding(64, 10000.0).to(torch.bfloat16)
+    positions = torch.tensor([163_839])
+    cos, _ = rope(positions, torch.float64)
+    expected = torch.cos(positions.double()[:, None] * rope_inv_freq(64, 10000.0))
+    torch.testing.assert_close(cos, expected, atol=1e-12, rtol=0)

@@ -145,3 +145,11 @@ def test_bias_update_needs_a_router_with_bias(streams):
     dense = new_model(CONFIG.replace(first_k_dense_replace=2))
     with pytest.raises(ValueError, match="bias_update_gamma: expected a model with MoE layers"):
         train(dense, batches(train_ids), steps=1, lr=1e-3, bias_update_gamma=0.01)
+
+
+def test_command_line_run_prints_its_figures(capsys):
+    from refimpl.train import main
+
+    main(["--steps", "2"])
+    out = capsys.readouterr().out
+    assert "eval loss: 5.5" in out and "at step 2" in out and "wall time" in out
