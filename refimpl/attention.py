@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from refimpl.checks import check_same_dtype_device, check_shape, check_tensor
+from refimpl.checks import check_int, check_same_dtype_device, check_shape, check_tensor
 from refimpl.config import ModelConfig
 from refimpl.rope import RotaryEmbedding, apply_rope, softmax_scale
 
@@ -105,8 +105,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[batch, kv_heads, seq, d] -> [batch, kv_heads * n_rep, seq, d]: key/value head g serves query heads
     g * n_rep ... g * n_rep + n_rep - 1 (consecutive, as in Llama and the GQA paper)."""
     check_tensor("x", x, ndim=4)
-    if isinstance(n_rep, bool) or not isinstance(n_rep, int) or n_rep < 1:
-        raise ValueError(f"n_rep: expected a positive int, got {n_rep!r}")
+    check_int("n_rep", n_rep, 1)
     return x.repeat_interleave(n_rep, dim=1)
 
 
@@ -120,8 +119,7 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         for name, value in (("batch_size", batch_size), ("num_key_value_heads", num_key_value_heads),
                             ("max_len", max_len), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            check_int(name, value, 1)
         self.batch_size, self.num_key_value_heads, self.max_len, self.head_dim = (
             batch_size, num_key_value_heads, max_len, head_dim)
         self.k = torch.zeros(batch_size, num_key_value_heads, max_len, head_dim, dtype=dtype, device=device)
@@ -152,8 +150,7 @@ class KVCache:
 
 
 def _check_start_pos(start_pos) -> None:
-    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-        raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
+    check_int("start_pos", start_pos, 0)
 
 
 class Attention(nn.Module):

@@ -41,3 +41,9 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
         raise ValueError(
             f"{name}: expected token ids in [0, {vocab_size}), got values from {int(ids.min())} to {int(ids.max())}"
         )
+
+
+def check_int(name: str, value, minimum: int, note: str = "") -> None:
+    """An int (not a bool) >= minimum; `note` adds context to the message, e.g. the cache length."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}{note}, got {value!r}")

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from refimpl.checks import check_tensor
+from refimpl.checks import check_int, check_tensor
 
 EOS_ID = 256  # the one special token: closes each example in an encoded corpus
 EOS_TEXT = "<eos>"  # how `decode` writes it
@@ -164,9 +164,7 @@ DOMAINS = tuple(GENERATORS)
 def make_domain_corpus(n_examples_per_domain: int, seed: int = 0) -> list[Example]:
     """`n_examples_per_domain` examples of each domain in `DOMAINS`, shuffled together (so that any contiguous
     slice, such as the validation part of `split`, holds every domain). The same seed gives the same corpus."""
-    if isinstance(n_examples_per_domain, bool) or not isinstance(n_examples_per_domain, int) \
-            or n_examples_per_domain < 1:
-        raise ValueError(f"n_examples_per_domain: expected an int >= 1, got {n_examples_per_domain!r}")
+    check_int("n_examples_per_domain", n_examples_per_domain, 1)
     examples = []
     for domain, generate in GENERATORS.items():
         rng = random.Random(f"{seed}:{domain}")  # one stream per domain: adding a domain leaves the others alone
@@ -225,8 +223,7 @@ def token_batches(ids: torch.Tensor, batch_size: int, seq_len: int, seed: int = 
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids: expected an integer tensor (int64 or int32), got dtype {ids.dtype}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        check_int(name, value, 1)
     if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches: expected an int >= 1 or None, got {num_batches!r}")
     if len(ids) < seq_len + 1:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from refimpl.attention import causal_mask, scaled_dot_product_attention
-from refimpl.checks import check_same_dtype_device, check_shape
+from refimpl.checks import check_int, check_same_dtype_device, check_shape
 from refimpl.config import ModelConfig
 from refimpl.norm import RMSNorm
 from refimpl.rope import RotaryEmbedding, apply_rope, softmax_scale
@@ -76,8 +76,7 @@ class MLACache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         for name, value in (("batch_size", batch_size), ("max_len", max_len), ("kv_lora_rank", kv_lora_rank),
                             ("qk_rope_head_dim", qk_rope_head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            check_int(name, value, 1)
         self.batch_size, self.max_len = batch_size, max_len
         self.kv_lora_rank, self.qk_rope_head_dim = kv_lora_rank, qk_rope_head_dim
         self.c_kv = torch.zeros(batch_size, max_len, kv_lora_rank, dtype=dtype, device=device)
@@ -97,9 +96,7 @@ class MLACache:
         check_same_dtype_device("c_kv", c_kv, self.c_kv, "the cache")
         check_same_dtype_device("k_pe", k_pe, self.k_pe, "the cache")
         seq = c_kv.shape[1]
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-            raise ValueError(f"start_pos: expected an int >= 0 (cache length max_len={self.max_len}), "
-                             f"got {start_pos!r}")
+        check_int("start_pos", start_pos, 0, note=f" (cache length max_len={self.max_len})")
         end = start_pos + seq
         if end > self.max_len:
             raise ValueError(f"start_pos: {seq} tokens at start_pos {start_pos} reach position {end - 1}, "
@@ -156,8 +153,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         check_shape("hidden_states", hidden_states, (None, None, self.hidden_size))
         check_same_dtype_device("hidden_states", hidden_states, self.kv_a_proj_with_mqa.weight)
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-            raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
+        check_int("start_pos", start_pos, 0)
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         batch, seq, _ = hidden_states.shape

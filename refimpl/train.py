@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from refimpl import moe
+from refimpl.checks import check_int
 from refimpl.config import ModelConfig
 from refimpl.data import ByteTokenizer
 
@@ -108,8 +109,8 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
     aux_loss_alpha: weight of the balance loss; None takes the config's `aux_loss_alpha`; 0 turns it off.
     bias_update_gamma: V3's bias update speed; 0 turns it off; > 0 needs routers with `e_score_correction_bias`.
     """
-    _check_positive_int("steps", steps)
-    _check_positive_int("eval_every", eval_every)
+    check_int("steps", steps, 1)
+    check_int("eval_every", eval_every, 1)
     if not lr > 0:
         raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
     if aux_loss_alpha is None:
@@ -186,11 +187,6 @@ def _check_has_bias(moe_layers) -> None:
     if any(getattr(layer.gate, "e_score_correction_bias", None) is None for layer in moe_layers):
         raise ValueError("bias_update_gamma: expected routers with an e_score_correction_bias (topk_method="
                          "'noaux_tc'), got routers without one; use aux_loss_alpha, or set bias_update_gamma=0")
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
 
 def lesson_run(steps: int = LESSON_STEPS, bias_update_gamma: float = 0.0, progress: bool = True,

@@ -261,8 +261,8 @@ def test_sdpa_causal_with_more_queries_than_keys_raises():
 
 @pytest.mark.parametrize("x, n_rep, match", [
     (torch.zeros(2, 3, 4), 2, r"x: expected a 4-d"),
-    (torch.zeros(1, 2, 3, 4), 0, r"n_rep: expected a positive int, got 0"),
-    (torch.zeros(1, 2, 3, 4), 1.5, r"n_rep: expected a positive int"),
+    (torch.zeros(1, 2, 3, 4), 0, r"n_rep: expected an int >= 1, got 0"),
+    (torch.zeros(1, 2, 3, 4), 1.5, r"n_rep: expected an int >= 1"),
 ])
 def test_repeat_kv_bad_input_raises(x, n_rep, match):
     with pytest.raises(ValueError, match=match):
@@ -284,9 +284,9 @@ def test_cache_bad_input_raises():
         cache.update(k.double(), k.double(), start_pos=0)
     with pytest.raises(ValueError, match=r"k: expected device cpu"):
         cache.update(k.to("meta"), k.to("meta"), start_pos=0)
-    with pytest.raises(ValueError, match=r"max_len: expected a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"max_len: expected an int >= 1, got 0"):
         KVCache(batch_size=1, num_key_value_heads=1, max_len=0, head_dim=2)
-    with pytest.raises(ValueError, match=r"head_dim: expected a positive int, got -2"):
+    with pytest.raises(ValueError, match=r"head_dim: expected an int >= 1, got -2"):
         KVCache(batch_size=1, num_key_value_heads=1, max_len=3, head_dim=-2)
 
 

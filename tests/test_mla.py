@@ -319,9 +319,9 @@ def test_bad_cache_raises(small):
 
 
 def test_bad_cache_arguments_raise():
-    with pytest.raises(ValueError, match="max_len: expected a positive int, got 0"):
+    with pytest.raises(ValueError, match="max_len: expected an int >= 1, got 0"):
         MLACache(1, 0, 8, 4)
-    with pytest.raises(ValueError, match="kv_lora_rank: expected a positive int, got 2.5"):
+    with pytest.raises(ValueError, match="kv_lora_rank: expected an int >= 1, got 2.5"):
         MLACache(1, 4, 2.5, 4)
     cache = MLACache(2, 4, 8, 4)
     with pytest.raises(ValueError, match=r"c_kv: expected shape \(2, '\*', 8\), got \(2, 1, 7\)"):
