@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from refimpl.checks import check_int, check_number
 from refimpl.config import ModelConfig
 
 KV_CACHE_KINDS = ("mha", "gqa", "mqa", "mla")
@@ -193,7 +194,7 @@ def attention_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     et al.'s 2 * n_layer * n_ctx * d_attn (arXiv 2001.08361, Table 1) up to the +1, for d_qk = d_v. For MLA it
     counts the naive path (keys and values decompressed per head), the one used in training.
     """
-    _check_int("seq_len", seq_len, minimum=1)
+    check_int("seq_len", seq_len, 1)
     v_head_dim = config.v_head_dim if config.is_mla else config.head_dim
     return config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + v_head_dim) * (seq_len + 1)
 
@@ -214,7 +215,7 @@ def training_flops(config: ModelConfig, tokens: float) -> float:
     N = activated non-embedding parameters: forward 2N and backward 4N FLOPs per token. The attention
     scores/values (`attention_flops_per_token`, times 3 for training) and the MTP modules are left out.
     """
-    _check_number("tokens", tokens)
+    check_number("tokens", tokens)
     return 6 * param_counts(config).activated_non_embedding * tokens
 
 
@@ -254,7 +255,7 @@ def kv_cache_elements_per_token(config: ModelConfig, kind: str | None = None) ->
 
 def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_element: float = 2, kind: str | None = None) -> float:
     """`kv_cache_elements_per_token` times bytes_per_element (2: BF16/FP16, 1: FP8)."""
-    _check_number("bytes_per_element", bytes_per_element, positive=True)
+    check_number("bytes_per_element", bytes_per_element, positive=True)
     return kv_cache_elements_per_token(config, kind) * bytes_per_element
 
 
@@ -262,8 +263,8 @@ def kv_cache_bytes(config: ModelConfig, context_len: int, batch_size: int = 1, b
                    kind: str | None = None) -> float:
     """Bytes of KV cache for batch_size sequences of context_len tokens: linear in context_len (one entry per
     token; attention's *compute* is what grows quadratically with the sequence, not its cache)."""
-    _check_int("context_len", context_len, minimum=0)
-    _check_int("batch_size", batch_size, minimum=1)
+    check_int("context_len", context_len, 0)
+    check_int("batch_size", batch_size, 1)
     return kv_cache_bytes_per_token(config, bytes_per_element, kind) * context_len * batch_size
 
 
@@ -274,8 +275,8 @@ def training_cost(gpu_hours: float, price_per_gpu_hour: float = DEEPSEEK_V3_PRIC
     Like the report's figure, this prices one training run only, not the research, ablations, staff or the
     cluster's purchase.
     """
-    _check_number("gpu_hours", gpu_hours)
-    _check_number("price_per_gpu_hour", price_per_gpu_hour)
+    check_number("gpu_hours", gpu_hours)
+    check_number("price_per_gpu_hour", price_per_gpu_hour)
     return gpu_hours * price_per_gpu_hour
 
 
@@ -298,18 +299,3 @@ def summary(config: ModelConfig) -> str:
     kilobytes = kv_cache_bytes_per_token(config, bytes_per_element=2) / 1e3
     return (text + f"; KV cache ({kv_cache_kind(config).upper()}): {elements:,} elements = {kilobytes:.1f} KB "
             "per token in BF16")
-
-
-# ---------------------------------------------------------------------------------------------------- checks
-def _check_number(name: str, value, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
-    if not (value > 0 if positive else value >= 0):  # also refuses NaN
-        raise ValueError(f"{name}: expected a {'positive' if positive else 'non-negative'} number, got {value}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")

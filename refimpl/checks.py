@@ -45,5 +45,15 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
 
 def check_int(name: str, value, minimum: int, note: str = "") -> None:
     """An int (not a bool) >= minimum; `note` adds context to the message, e.g. the cache length."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}{note}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}{note}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}{note}, got {value}")
+
+
+def check_number(name: str, value, positive: bool = False) -> None:
+    """A real number (not a bool), > 0 if `positive`, else >= 0. NaN fails both."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
+    if not (value > 0 if positive else value >= 0):
+        raise ValueError(f"{name}: expected a {'positive' if positive else 'non-negative'} number, got {value}")

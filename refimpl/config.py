@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refimpl.checks import check_number
+
 KNOWN_CONFIG_DIR = Path(__file__).parent / "known_configs"
 
 ROPE_SCALING_TYPES = ("yarn",)
@@ -41,8 +43,9 @@ class RopeScaling:
     def __post_init__(self):
         if self.type not in ROPE_SCALING_TYPES:
             raise ValueError(f"rope_scaling.type: expected one of {ROPE_SCALING_TYPES}, got {self.type!r}")
-        _require_positive("rope_scaling.factor", self.factor)
-        _require_positive("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings)
+        check_number("rope_scaling.factor", self.factor, positive=True)
+        check_number("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings,
+                     positive=True)
         if not self.beta_fast > self.beta_slow > 0:
             raise ValueError(
                 f"rope_scaling: expected beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, "
@@ -141,9 +144,9 @@ class ModelConfig:
     def _validate(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "num_key_value_heads", "max_position_embeddings", "moe_layer_freq"):
-            _require_positive(name, getattr(self, name))
-        _require_positive("rms_norm_eps", self.rms_norm_eps)
-        _require_positive("rope_theta", self.rope_theta)
+            check_number(name, getattr(self, name), positive=True)
+        check_number("rms_norm_eps", self.rms_norm_eps, positive=True)
+        check_number("rope_theta", self.rope_theta, positive=True)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -154,7 +157,7 @@ class ModelConfig:
         if self.is_mla:
             self._validate_mla()
         else:
-            _require_positive("head_dim", self.head_dim)
+            check_number("head_dim", self.head_dim, positive=True)
             if self.head_dim % 2:
                 raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.is_moe:
@@ -164,14 +167,14 @@ class ModelConfig:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) is None:
                 raise ValueError(f"{name}: expected a positive int when kv_lora_rank is set (MLA), got None")
-            _require_positive(name, getattr(self, name))
+            check_number(name, getattr(self, name), positive=True)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even for rotary embeddings, got {self.qk_rope_head_dim}")
         for name in ("q_lora_rank", "kv_lora_rank"):
             rank = getattr(self, name)
             if rank is None:
                 continue
-            _require_positive(name, rank)
+            check_number(name, rank, positive=True)
             if rank > self.hidden_size:
                 raise ValueError(
                     f"{name} ({rank}) must not be larger than hidden_size ({self.hidden_size}): "
@@ -182,7 +185,7 @@ class ModelConfig:
         for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
             if getattr(self, name) is None:
                 raise ValueError(f"{name}: expected a positive int when n_routed_experts is set (MoE), got None")
-            _require_positive(name, getattr(self, name))
+            check_number(name, getattr(self, name), positive=True)
         if self.n_shared_experts < 0:
             raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
         if self.num_experts_per_tok > self.n_routed_experts:
@@ -196,6 +199,11 @@ class ModelConfig:
             )
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group ({self.topk_group}) must not exceed n_group ({self.n_group})")
+        if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
+            raise ValueError(
+                f"n_group: topk_method 'noaux_tc' ranks groups by the sum of their top-2 scores, so it needs at "
+                f"least 2 experts per group, got n_routed_experts={self.n_routed_experts}, n_group={self.n_group}"
+            )
         experts_reachable = self.topk_group * (self.n_routed_experts // self.n_group)
         if self.num_experts_per_tok > experts_reachable:
             raise ValueError(
@@ -208,7 +216,7 @@ class ModelConfig:
             raise ValueError(f"topk_method: expected one of {TOPK_METHODS}, got {self.topk_method!r}")
         if self.first_k_dense_replace < 0:
             raise ValueError(f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace}")
-        _require_positive("routed_scaling_factor", self.routed_scaling_factor)
+        check_number("routed_scaling_factor", self.routed_scaling_factor, positive=True)
 
     # ------------------------------------------------------------------ reading and writing
     @classmethod
@@ -272,13 +280,6 @@ def _normalize_rope_keys(d: dict[str, Any]) -> dict[str, Any]:
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
         d["rope_scaling"] = None
     return d
-
-
-def _require_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a positive number, got {value!r} ({type(value).__name__})")
-    if not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value}")
 
 
 def known_configs() -> list[str]:

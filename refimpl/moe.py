@@ -70,12 +70,6 @@ class Router(nn.Module):
         super().__init__()
         if not config.is_moe:
             raise ValueError("config: expected an MoE config (n_routed_experts set), got n_routed_experts=None")
-        group_size = config.n_routed_experts // config.n_group
-        if config.topk_method == "noaux_tc" and group_size < 2:
-            raise ValueError(
-                f"n_group: topk_method 'noaux_tc' ranks groups by the sum of their top-2 scores, so it needs at "
-                f"least 2 experts per group, got n_routed_experts={config.n_routed_experts}, n_group={config.n_group}"
-            )
         self.n_routed_experts = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
         self.n_group = config.n_group

@@ -17,6 +17,7 @@ What is DeepSeek-specific is how it keeps the routed experts evenly loaded; both
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 from refimpl import moe
 from refimpl.checks import check_int
 from refimpl.config import ModelConfig
-from refimpl.data import ByteTokenizer
+from refimpl.data import ByteTokenizer, encode_corpus, make_domain_corpus, split, token_batches
+from refimpl.model import DeepSeekForCausalLM
 
 # The recipe the lessons use with `tiny_config` on the domain corpus (about a minute on 2 CPU cores).
 LESSON_STEPS = 300
@@ -148,18 +150,16 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
         (loss + aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
         optimizer.step()
+        loads = [moe.expert_load(layer.last_routing.topk_idx, model.config.n_routed_experts) for layer in moe_layers]
         if bias_update_gamma > 0:
-            for layer in moe_layers:
-                load = moe.expert_load(layer.last_routing.topk_idx, model.config.n_routed_experts)
+            for layer, load in zip(moe_layers, loads):
                 moe.update_bias(layer.gate.e_score_correction_bias, load, bias_update_gamma)
 
         log.step.append(step)
         log.train_loss.append(loss.item())
         log.aux_loss.append(aux.item())
-        if log_expert_load and moe_layers:
-            log.expert_load.append(torch.stack(
-                [moe.expert_load(layer.last_routing.topk_idx, model.config.n_routed_experts) for layer in moe_layers]
-            ))
+        if log_expert_load and loads:
+            log.expert_load.append(torch.stack(loads))  # [n_moe_layers, n_routed_experts]
         log.seconds.append(time.perf_counter() - start)
         if eval_batches is not None and (step % eval_every == 0 or step == steps):
             log.eval_step.append(step)
@@ -192,9 +192,6 @@ def _check_has_bias(moe_layers) -> None:
 def lesson_run(steps: int = LESSON_STEPS, bias_update_gamma: float = 0.0, progress: bool = True,
                examples_per_domain: int = 2000):
     """The lessons' recipe: `tiny_config` trained on the generated multi-domain corpus. -> (model, TrainLog)."""
-    from refimpl.data import encode_corpus, make_domain_corpus, split, token_batches
-    from refimpl.model import DeepSeekForCausalLM
-
     train_ids, val_ids = split(encode_corpus(make_domain_corpus(examples_per_domain, seed=0), ByteTokenizer()), 0.1)
     torch.manual_seed(0)
     model = DeepSeekForCausalLM(tiny_config())
@@ -207,8 +204,6 @@ def lesson_run(steps: int = LESSON_STEPS, bias_update_gamma: float = 0.0, progre
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m refimpl.train [--steps N] [--gamma G]`: run the lessons' recipe and print its figures."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--steps", type=int, default=LESSON_STEPS)
     parser.add_argument("--gamma", type=float, default=0.0, help="bias update speed (0: no balancing)")

@@ -294,8 +294,8 @@ def test_bad_numbers(call, match):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: acc.kv_cache_bytes(cfg("DeepSeek-V3"), 4096.0), r"context_len: expected an int, got 4096.0"),
-    (lambda: acc.flops_per_token(cfg("DeepSeek-V3"), True), r"seq_len: expected an int, got True"),
+    (lambda: acc.kv_cache_bytes(cfg("DeepSeek-V3"), 4096.0), r"context_len: expected an int >= 0, got 4096.0 \(float\)"),
+    (lambda: acc.flops_per_token(cfg("DeepSeek-V3"), True), r"seq_len: expected an int >= 1, got True \(bool\)"),
     (lambda: acc.training_cost("2788000"), r"gpu_hours: expected a number, got '2788000' \(str\)"),
 ])
 def test_wrong_types(call, match):

@@ -259,13 +259,13 @@ def test_sdpa_causal_with_more_queries_than_keys_raises():
         scaled_dot_product_attention(*qkv(q_len=5, kv_len=3), is_causal=True)
 
 
-@pytest.mark.parametrize("x, n_rep, match", [
-    (torch.zeros(2, 3, 4), 2, r"x: expected a 4-d"),
-    (torch.zeros(1, 2, 3, 4), 0, r"n_rep: expected an int >= 1, got 0"),
-    (torch.zeros(1, 2, 3, 4), 1.5, r"n_rep: expected an int >= 1"),
+@pytest.mark.parametrize("x, n_rep, error, match", [
+    (torch.zeros(2, 3, 4), 2, ValueError, r"x: expected a 4-d"),
+    (torch.zeros(1, 2, 3, 4), 0, ValueError, r"n_rep: expected an int >= 1, got 0"),
+    (torch.zeros(1, 2, 3, 4), 1.5, TypeError, r"n_rep: expected an int >= 1, got 1.5 \(float\)"),
 ])
-def test_repeat_kv_bad_input_raises(x, n_rep, match):
-    with pytest.raises(ValueError, match=match):
+def test_repeat_kv_bad_input_raises(x, n_rep, error, match):
+    with pytest.raises(error, match=match):
         repeat_kv(x, n_rep)
 
 

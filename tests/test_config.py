@@ -153,7 +153,7 @@ def test_from_hf_reads_files_written_by_transformers(tmp_path):
     ("DeepSeek-V3", dict(qk_rope_head_dim=None), ValueError,
      r"qk_rope_head_dim: expected a positive int when kv_lora_rank is set"),
     ("DeepSeek-V3", dict(qk_rope_head_dim=63), ValueError, r"qk_rope_head_dim must be even"),
-    ("DeepSeek-V3", dict(hidden_size="7168"), TypeError, r"hidden_size: expected a positive number, got '7168'"),
+    ("DeepSeek-V3", dict(hidden_size="7168"), TypeError, r"hidden_size: expected a number, got '7168'"),
     ("Llama-3-8B", dict(head_dim=0), ValueError, r"head_dim: expected a positive number, got 0"),
     ("Llama-3-8B", dict(head_dim=127), ValueError, r"head_dim must be even"),
     ("Llama-3-8B", dict(rms_norm_eps=0.0), ValueError, r"rms_norm_eps: expected a positive number"),

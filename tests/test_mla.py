@@ -294,7 +294,7 @@ def test_bad_start_pos_raises(small):
     x = _x(config, seq=3)
     with pytest.raises(ValueError, match="start_pos: expected an int >= 0, got -1"):
         attn(x, start_pos=-1)
-    with pytest.raises(ValueError, match="start_pos: expected an int >= 0, got 1.0"):
+    with pytest.raises(TypeError, match="start_pos: expected an int >= 0, got 1.0"):
         attn(x, start_pos=1.0)
     cache = attn.new_cache(2, 4)
     with pytest.raises(ValueError, match=r"start_pos: 3 tokens at start_pos 2 reach position 4, past the cache "
@@ -321,7 +321,7 @@ def test_bad_cache_raises(small):
 def test_bad_cache_arguments_raise():
     with pytest.raises(ValueError, match="max_len: expected an int >= 1, got 0"):
         MLACache(1, 0, 8, 4)
-    with pytest.raises(ValueError, match="kv_lora_rank: expected an int >= 1, got 2.5"):
+    with pytest.raises(TypeError, match="kv_lora_rank: expected an int >= 1, got 2.5"):
         MLACache(1, 4, 2.5, 4)
     cache = MLACache(2, 4, 8, 4)
     with pytest.raises(ValueError, match=r"c_kv: expected shape \(2, '\*', 8\), got \(2, 1, 7\)"):
