@@ -101,13 +101,20 @@ def stage(src: Path, root: Path = ROOT) -> None:
     (src / "index.md").write_text(landing_page(parts, root), encoding="utf-8")
 
 
-def build(out: Path, root: Path = ROOT) -> Path:
-    """Build the site into `out` (replaced if present) and return it. Raises CalledProcessError if Sphinx fails."""
+def build(out: Path, root: Path = ROOT, timeout: float | None = None, quiet: bool = False) -> Path:
+    """Build the site into `out` (replaced if present) and return it; `quiet` prints Sphinx's log only on failure.
+
+    Raises RuntimeError (with the log) if Sphinx fails or warns, TimeoutExpired after `timeout` seconds.
+    """
     work = out.parent / (out.name + ".work")
     stage(work / "src", root)
-    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(work / "src"), "--path-output", str(work),
-           "--builder", "html", "--warningiserror", "--keep-going"]
-    subprocess.run(cmd, check=True)
+    cmd = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()",  # the jupyter-book command
+           "build", str(work / "src"), "--path-output", str(work), "--builder", "html",
+           "--warningiserror", "--keep-going"]  # a warning (a broken cross-reference, say) fails the build
+    done = subprocess.run(cmd, timeout=timeout, stdout=subprocess.PIPE if quiet else None,
+                          stderr=subprocess.STDOUT if quiet else None, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the book build failed (a Sphinx error or warning):\n{(done.stdout or '')[-5000:]}")
     if out.exists():
         shutil.rmtree(out)
     shutil.move(work / "_build" / "html", out)

@@ -128,15 +128,15 @@ def _search_problems(page, base: str, searches: dict[str, str]) -> list[str]:
     return problems
 
 
-def check_site(site: Path, browser, lessons: list[str], searches: dict[str, str],
+def check_site(site: Path, browser, pages: list[str], searches: dict[str, str],
                screenshot: Path | None = None) -> list[str]:
     """Every problem found on the site, one line each; an empty list for a good site.
 
-    `browser` is a launched Playwright Chromium; `lessons` are the pages that must exist (e.g.
-    'lessons/00_two_costs.html'); `searches` maps a page to a word the search must find it by; `screenshot`, if
-    given, receives a PNG of the first lesson page.
+    `browser` is a launched Playwright Chromium; `pages` are the notebook pages that must exist and be linked
+    from the landing page (e.g. 'lessons/00_two_costs.html'); `searches` maps a page to a word the search must
+    find it by; `screenshot`, if given, receives a PNG of the first of `pages`.
     """
-    problems = [f"missing lesson page {doc}" for doc in lessons if not (site / doc).is_file()]
+    problems = [f"missing page {doc}" for doc in pages if not (site / doc).is_file()]
     with serve(site) as base:
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         context.set_default_timeout(30000)
@@ -165,11 +165,11 @@ def check_site(site: Path, browser, lessons: list[str], searches: dict[str, str]
             problems += [f"{name}: prose typeset as math (an unescaped $?): {t[:80]!r}"
                          for t in report["tex"] if prose_in_math(t)]
             problems += [f"{name}: image did not load: {src}" for src in report["broken_images"]]
-            if screenshot is not None and lessons and name == lessons[0]:
+            if screenshot is not None and pages and name == pages[0]:
                 _screenshot(page, screenshot)
         for name, page_links in links.items():
             problems += _link_problems(name, page_links, base, site, ids)
-        problems += [f"index.html: no link to lesson {doc}" for doc in lessons
+        problems += [f"index.html: no link to {doc}" for doc in pages
                      if base + doc not in {link.split("#")[0] for link in links.get("index.html", [])}]
         current[0] = "search.html"
         problems += _search_problems(page, base, searches)
@@ -207,12 +207,12 @@ def main() -> None:
     parser.add_argument("site", type=Path, nargs="?", default=BOOK / "_build" / "html")
     parser.add_argument("--screenshot", type=Path, default=BOOK / "_build" / "screenshots" / "lesson.png")
     args = parser.parse_args()
-    notebooks = course_notebooks(ROOT)["Lessons"]
-    lessons = [p.relative_to(ROOT).with_suffix(".html").as_posix() for p in notebooks]
-    searches = {doc: search_word(p) for doc, p in zip(lessons, notebooks)}
+    notebooks = [nb for part in course_notebooks(ROOT).values() for nb in part]
+    pages = [p.relative_to(ROOT).with_suffix(".html").as_posix() for p in notebooks]
+    searches = {doc: search_word(p) for doc, p in zip(pages, notebooks)}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM)
-        problems = check_site(args.site.resolve(), browser, lessons, searches, args.screenshot)
+        problems = check_site(args.site.resolve(), browser, pages, searches, args.screenshot)
         browser.close()
     print("\n".join(problems) or f"{len(site_pages(args.site))} pages checked: no problems")
     sys.exit(1 if problems else 0)
