@@ -26,22 +26,22 @@ PAGES = [p.relative_to(ROOT).with_suffix(".html").as_posix() for p in NOTEBOOKS]
 
 def _unavailable(reason: str):
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: the book test must run)")
-    pytest.skip(reason)
+        pytest.fail(f"book browser test cannot run, and CI=true requires it: {reason}")
+    pytest.skip(f"book browser test skipped: {reason}")
 
 
 def _install_chromium() -> None:
     """apt-get install chromium (about 70 s here), only as root; otherwise skip, or fail under CI."""
     if os.geteuid() != 0:
-        _unavailable("book browser test skipped: no /usr/bin/chromium and not root to apt-get install it")
+        _unavailable("no /usr/bin/chromium, and not root to apt-get install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as e:
-            _unavailable(f"book browser test skipped: {' '.join(cmd)} failed: {e}")
+            _unavailable(f"{' '.join(cmd)} failed: {e}")
         if done.returncode != 0:
-            _unavailable(f"book browser test skipped: {' '.join(cmd)} failed: {done.stderr.strip()[-300:]}")
+            _unavailable(f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +52,7 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("book browser test skipped: the playwright package is missing (pip install -e '.[test]')")
+        _unavailable("the playwright package is missing (pip install -e '.[test]')")
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=check_site.CHROMIUM)
         yield chromium
