@@ -141,14 +141,15 @@ def check_site(site: Path, browser, pages: list[str], searches: dict[str, str],
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         context.set_default_timeout(30000)
 
-        def route(route):
+        current = ["?"]  # the page being checked, named in each problem
+
+        def keep_inside(route):
             if route.request.url.startswith(base):
                 route.continue_()
             else:
                 problems.append(f"{current[0]}: request leaving the site blocked: {route.request.url}")
                 route.abort()
-        context.route("**/*", route)
-        current = ["?"]
+        context.route("**/*", keep_inside)
         page = context.new_page()
         page.on("console", lambda m: m.type == "error" and problems.append(f"{current[0]}: console error: {m.text}"))
         page.on("pageerror", lambda e: problems.append(f"{current[0]}: page error: {e}"))
