@@ -264,8 +264,9 @@ def demo_config(nodes: int, max_nodes: int) -> ModelConfig:
 
 
 def _init_from_environment() -> torch.device:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, ...); NCCL on GPUs, gloo on CPUs."""
-    if torch.cuda.is_available():
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, ...): NCCL with one GPU per rank when
+    there are enough GPUs, else gloo on the CPU."""
+    if torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
@@ -297,7 +298,8 @@ def run_demo(tokens_per_rank: list[int], nodes: int, max_nodes: int, seed: int, 
     dist.all_gather_object(traffic, asdict(layer.last_traffic))
     dispatch_bytes, combine_bytes = traffic_formula(reference.last_routing.topk_idx.cpu(), tokens_per_rank,
                                                     layer.experts_per_rank, DEMO_CONFIG.hidden_size * 4)
-    return dict(nodes=nodes, max_nodes=max_nodes, tokens_per_rank=tokens_per_rank, max_abs_diff=max_diff.item(),
+    return dict(nodes=nodes, max_nodes=max_nodes, tokens_per_rank=tokens_per_rank, seed=seed,
+                max_abs_diff=max_diff.item(),
                 traffic=traffic, formula_dispatch_bytes=dispatch_bytes, formula_combine_bytes=combine_bytes)
 
 
