@@ -207,7 +207,7 @@ class ExpertParallelMoE(nn.Module):
 
         # dispatch: one row per (token, destination rank), grouped by rank, tokens in order within a group
         reached = ranks_reached(routing.topk_idx, self.experts_per_rank, self.world_size)  # [tokens, W]
-        dest_rank, token_idx = reached.T.nonzero(as_tuple=True)  # [sent], sorted by rank, then token
+        _, token_idx = reached.T.nonzero(as_tuple=True)  # [sent]: the token of each row, sorted by rank
         send_counts = reached.sum(dim=0)  # [W] int64
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # the counts first
@@ -216,16 +216,7 @@ class ExpertParallelMoE(nn.Module):
                                               routing.topk_weight[token_idx])  # [received, hidden], [received, k]
         idx_recv = _all_to_all(routing.topk_idx[token_idx], send, recv, self.group)  # [received, k]
 
-        # the local experts; expert ids of other ranks become a placeholder slot, last in the sorted order
-        local_idx = idx_recv - self.first_expert  # [received, k]
-        here = (local_idx >= 0) & (local_idx < self.experts_per_rank)
-        local_idx = local_idx.where(here, self.experts_per_rank)
-        x_sorted, row_idx, sort_order, counts = dispatch(x_recv, local_idx, self.experts_per_rank + 1)
-        pairs_here = int(counts[:-1].sum())
-        expert_out = run_experts(list(self.experts.values()), x_sorted[:pairs_here], counts[:-1])
-        placeholder = expert_out.new_zeros(x_sorted.shape[0] - pairs_here, hidden)  # weight * 0 adds nothing
-        partial = combine(torch.cat([expert_out, placeholder]), row_idx, sort_order, weight_recv,
-                          x_recv.shape[0])  # [received, hidden]: sum over this rank's experts of g * FFN
+        partial, pairs_here = self._local_experts(x_recv, idx_recv, weight_recv)  # [received, hidden]
 
         # combine: the partial sums go back the reverse way, and each token adds its rows up
         (partial_back,) = _AllToAll.apply(recv, send, self.group, partial)  # [sent, hidden]
@@ -235,7 +226,7 @@ class ExpertParallelMoE(nn.Module):
 
         row_bytes = hidden * x.element_size()
         sent_away = sum(send) - send[self.rank]
-        meta_per_row = self.top_k * (idx_recv.element_size() + routing.topk_weight.element_size())
+        meta_per_row = self.top_k * (idx_recv.element_size() + weight_recv.element_size())
         self.last_traffic = Traffic(
             dispatch_bytes=sent_away * row_bytes,
             combine_bytes=(sum(recv) - recv[self.rank]) * row_bytes,
@@ -244,6 +235,25 @@ class ExpertParallelMoE(nn.Module):
             expert_pairs=pairs_here,
         )
         return out.view(batch, seq, hidden)
+
+    def _local_experts(self, x_recv: torch.Tensor, idx_recv: torch.Tensor, weight_recv: torch.Tensor):
+        """This rank's experts on the rows it received: one partial sum per row.
+
+        x_recv [rows, hidden], idx_recv [rows, k] (global expert ids), weight_recv [rows, k] -> (
+            partial [rows, hidden]  sum over the row's experts held here of g_{i,t} FFN_i(u_t),
+            pairs                   the number of (row, expert) pairs computed here
+        ). The ids of experts held elsewhere become a placeholder expert, last in `dispatch`'s sorted order,
+        whose output rows are zeros: `combine` then adds nothing for them.
+        """
+        local_idx = idx_recv - self.first_expert  # [rows, k]
+        here = (local_idx >= 0) & (local_idx < self.experts_per_rank)
+        local_idx = local_idx.where(here, self.experts_per_rank)
+        x_sorted, row_idx, sort_order, counts = dispatch(x_recv, local_idx, self.experts_per_rank + 1)
+        pairs = int(counts[:-1].sum())
+        expert_out = run_experts(list(self.experts.values()), x_sorted[:pairs], counts[:-1])
+        elsewhere = expert_out.new_zeros(x_sorted.shape[0] - pairs, x_recv.shape[1])
+        partial = combine(torch.cat([expert_out, elsewhere]), row_idx, sort_order, weight_recv, x_recv.shape[0])
+        return partial, pairs
 
     def extra_repr(self) -> str:
         return (f"rank {self.rank} of {self.world_size}: experts {self.first_expert}.."
@@ -292,15 +302,17 @@ def run_demo(tokens_per_rank: list[int], nodes: int, max_nodes: int, seed: int, 
         start = sum(tokens_per_rank[:layer.rank])
         mine = slice(start, start + tokens_per_rank[layer.rank])
         out = layer(x_all[:, mine])
-    max_diff = torch.tensor((out - expected[:, mine]).abs().max().item() if out.numel() else 0.0)
+    max_diff = torch.tensor((out - expected[:, mine]).abs().max().item() if out.numel() else 0.0,
+                            device=device)
     dist.all_reduce(max_diff, op=dist.ReduceOp.MAX)
     traffic = [None] * layer.world_size
     dist.all_gather_object(traffic, asdict(layer.last_traffic))
     dispatch_bytes, combine_bytes = traffic_formula(reference.last_routing.topk_idx.cpu(), tokens_per_rank,
-                                                    layer.experts_per_rank, DEMO_CONFIG.hidden_size * 4)
+                                                    layer.experts_per_rank,
+                                                    DEMO_CONFIG.hidden_size * x_all.element_size())
     return dict(nodes=nodes, max_nodes=max_nodes, tokens_per_rank=tokens_per_rank, seed=seed,
-                max_abs_diff=max_diff.item(),
-                traffic=traffic, formula_dispatch_bytes=dispatch_bytes, formula_combine_bytes=combine_bytes)
+                max_abs_diff=max_diff.item(), traffic=traffic, formula_dispatch_bytes=dispatch_bytes,
+                formula_combine_bytes=combine_bytes)
 
 
 def main(argv: list[str] | None = None) -> None:

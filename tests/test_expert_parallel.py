@@ -21,7 +21,7 @@ from refimpl.config import ModelConfig
 from refimpl.expert_parallel import ExpertParallelMoE
 from refimpl.moe import DeepSeekMoE
 
-TIMEOUT_S = 120
+TIMEOUT_S = 240  # seconds for a group of ranks: generous, as CI machines can be busy
 BASE = dict(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, moe_intermediate_size=6,
             routed_scaling_factor=1.5)
