@@ -29,7 +29,8 @@ group-limited top-k with groups = nodes: set `topk_method="noaux_tc"`, `n_group`
 W / n_group consecutive ranks (when n_group divides W; when W divides n_group, each rank holds n_group / W
 whole groups and a "node" is smaller than a rank). Like DeepSeek's released code (and V3's config, where
 K_r / M = 8 / 4), `noaux_tc` scores a group by the sum of its best *two* experts: the paper's rule when
-K_r / M = 2.
+K_r / M = 2. DeepSeek-V2's device-limited routing (`group_limited_greedy`, V2 sec. 2.2.2) is the same with
+groups = ranks (n_group = W).
 
 Every rank must call `forward` (with its tokens, possibly none) and, when training, `backward`, in the same
 order: the all-to-alls are collectives. The backward of an all-to-all is the all-to-all the other way
@@ -40,7 +41,8 @@ Run the self-checking demo (it compares against the single-process `DeepSeekMoE`
     torchrun --nproc-per-node 4 -m refimpl.expert_parallel            # CPU: gloo, 4 processes
     torchrun --nproc-per-node 4 -m refimpl.expert_parallel --json     # one JSON line, for lesson 18
 
-On a machine with GPUs the same command uses NCCL, one GPU per rank (the backend follows the device).
+On a machine with a GPU for each rank the same command uses NCCL, one GPU per rank (the backend follows the
+device); with fewer GPUs it runs on the CPU with gloo.
 """
 
 from __future__ import annotations
