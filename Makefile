@@ -1,6 +1,7 @@
 # Two commands (see README):
 #   make lab    set up .venv and open the course in JupyterLab
 #   make test   set up .venv if needed and run the whole test suite (what CI runs)
+#   make book   build the course as a static website (book/_build/html)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 LAB_PORT ?= 8888
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test clean-venv
+.PHONY: lab test book clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ lab: $(VENV)/.installed-lessons
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
+
+# The rendered book (book/README.md): a static site in book/_build/html, built offline from the stored outputs.
+book: $(VENV)/.installed-book
+	$(BIN)/python book/build.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -36,6 +36,9 @@ PUBLIC_NUMBERS = {
     "Mistral-7B": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, head_dim=128, intermediate_size=14336, rope_theta=10000.0,
                        max_position_embeddings=32768),
+    "DeepSeek-LLM-67B": dict(vocab_size=102400, hidden_size=8192, num_hidden_layers=95, num_attention_heads=64,
+                             num_key_value_heads=8, head_dim=128, intermediate_size=22016, rope_theta=10000.0,
+                             max_position_embeddings=4096, rms_norm_eps=1e-6),
 }
 
 
@@ -80,7 +83,7 @@ def test_deepseek_v3_derived_quantities():
 
 
 def test_dense_configs_are_not_mla_or_moe():
-    for name in ("Llama-2-7B", "Llama-3-8B", "Llama-3-70B", "Mistral-7B"):
+    for name in ("Llama-2-7B", "Llama-3-8B", "Llama-3-70B", "Mistral-7B", "DeepSeek-LLM-67B"):
         config = load_known(name)
         assert not config.is_mla and not config.is_moe and config.rope_scaling is None
         assert config.qk_head_dim == config.head_dim == config.hidden_size // config.num_attention_heads
