@@ -13,13 +13,12 @@ names, with nothing renamed. `generate` decodes with the latent MLA cache, on th
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from refimpl.checkpoint import load_pretrained
 from refimpl.checks import check_token_ids
 from refimpl.config import ModelConfig
 from refimpl.mla import MLACache, MultiHeadLatentAttention
@@ -130,24 +129,18 @@ class DeepSeekForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "DeepSeekForCausalLM":
-        """Load a Hugging Face DeepSeek-V2/V3 checkpoint folder (config.json + safetensors, single or sharded).
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> "DeepSeekForCausalLM":
+        """Load a Hugging Face DeepSeek-V2/V3 checkpoint: its folder (config.json + safetensors, single or
+        sharded) or a file inside it.
 
-        Every tensor is checked (names and shapes) before the model is returned; any missing, extra or wrongly
-        shaped tensor raises a ValueError that lists them. V3's multi-token-prediction layer (stored as layer
-        `num_hidden_layers`, e.g. `model.layers.61.*`) is not part of next-token inference: it is skipped with a
-        warning that says so.
+        dtype: default the checkpoint's `torch_dtype`; the routers stay float32. device: default "cpu".
+        Every tensor is checked (names and shapes) before anything is read; missing, extra or wrongly shaped
+        tensors raise one ValueError that lists them all. V3's multi-token-prediction layers (stored after the
+        decoder layers, `model.layers.61.*` in V3) are skipped with a warning; V3's FP8 weights are
+        dequantized. The steps, errors and memory: `refimpl.checkpoint.load_pretrained`.
         """
-        path = Path(path)
-        config = ModelConfig.from_hf(path)
-        model = cls(config).to(dtype)
-        state = _read_safetensors(path)
-        state = _drop_mtp_layers(state, config)
-        if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
-            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-        _check_state(model.state_dict(), state)
-        model.load_state_dict(state, strict=True)  # copies into the model's dtype
-        return model.eval()
+        return load_pretrained(cls, path, dtype, device)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -166,51 +159,3 @@ def _pick(logits, temperature: float, top_k: int | None, generator) -> torch.Ten
         kth_best = logits.topk(top_k, dim=-1).values[:, -1:]  # [batch, 1]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise ValueError(f"checkpoint {path}: shards named in model.safetensors.index.json are missing: {missing}")
-        state = {}
-        for shard in shards:
-            state.update(load_file(path / shard))
-        return state
-    raise ValueError(f"checkpoint {path}: expected model.safetensors or model.safetensors.index.json, found neither")
-
-
-def _drop_mtp_layers(state: dict, config: ModelConfig) -> dict:
-    first_extra = f"model.layers.{config.num_hidden_layers}."
-    mtp = [k for k in state if k.startswith(first_extra)]
-    if mtp:
-        warnings.warn(
-            f"skipping {len(mtp)} tensors of the multi-token-prediction layer ({first_extra}*): DeepSeek-V3 uses it "
-            "for training and speculative decoding, not for next-token logits",
-            stacklevel=3,
-        )
-    return {k: v for k, v in state.items() if not k.startswith(first_extra)}
-
-
-def _check_state(expected: dict, given: dict) -> None:
-    missing = sorted(set(expected) - set(given))
-    extra = sorted(set(given) - set(expected))
-    wrong = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
-                   for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if extra:
-        hint = " (FP8 scale tensors: dequantize the checkpoint to BF16 first)" if any(
-            k.endswith("weight_scale_inv") for k in extra) else ""
-        problems.append(f"unexpected tensors {extra}{hint}")
-    if wrong:
-        problems.append(f"wrongly shaped tensors {wrong}")
-    if problems:
-        raise ValueError("checkpoint does not match the config: " + "; ".join(problems))
