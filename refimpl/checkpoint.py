@@ -71,6 +71,9 @@ def load_pretrained(model_cls, path: str | Path, dtype: torch.dtype | None = Non
     _check_tensors(model.state_dict(), stored, scales, ties, raw.get("quantization_config"))
 
     model.to_empty(device=device)
+    for group in ties:  # to_empty gives every name a tensor of its own: share them again
+        for name in group[1:]:
+            _set_parameter(model, name, model.get_parameter(group[0]))
     block_size = (raw.get("quantization_config") or {}).get("weight_block_size")
     with torch.no_grad():
         for name, target in model.state_dict(keep_vars=True).items():
@@ -189,10 +192,10 @@ def _drop_mtp_layers(stored: dict, config: ModelConfig) -> dict:
     mtp = {name for name in stored if name.startswith(prefixes)} if prefixes else set()
     if mtp:
         warnings.warn(
-            f"skipping {len(mtp)} tensors of the {config.num_nextn_predict_layers} multi-token-prediction "
-            f"layer(s) (model.layers.{first}.* ... model.layers.{first + config.num_nextn_predict_layers - 1}.*): "
-            "DeepSeek-V3 uses them for training and speculative decoding, not for next-token logits",
-            stacklevel=3,
+            f"skipping {len(mtp)} tensors of the multi-token-prediction layers "
+            f"({', '.join(p + '*' for p in prefixes)}): DeepSeek-V3 uses them for training and speculative "
+            "decoding, not for next-token logits",
+            stacklevel=4,  # the caller of from_pretrained
         )
     return {name: info for name, info in stored.items() if name not in mtp}
 
@@ -278,9 +281,13 @@ def _untie(model: nn.Module, name: str, twin: str, tensor: torch.Tensor, tied: t
     warnings.warn(
         f"config.json ties {name} to {twin} (tie_word_embeddings), but the checkpoint stores two different "
         f"tensors (largest difference {gap:.3g}): both are kept, untied, so that no stored weight is dropped",
-        stacklevel=3,
+        stacklevel=4,  # the caller of from_pretrained
     )
-    owner, leaf = name.rsplit(".", 1)
-    setattr(model.get_submodule(owner), leaf, nn.Parameter(tensor, requires_grad=tied.requires_grad))
+    _set_parameter(model, name, nn.Parameter(tensor, requires_grad=tied.requires_grad))
     if getattr(model, "config", None) is not None:
         model.config = model.config.replace(tie_word_embeddings=False)
+
+
+def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, param)
