@@ -241,7 +241,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=bias)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta, config.rope_scaling)
         self.softmax_scale = softmax_scale(self.head_dim, config.rope_scaling)
-        self.sliding_window = getattr(config, "sliding_window", None)  # Mistral; None: every earlier token
+        self.sliding_window = config.sliding_window  # Mistral; None: every earlier token
 
     def forward(self, hidden_states: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,10 +18,13 @@ Module names are those of Hugging Face Llama / Mistral checkpoints (`model.embed
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from refimpl.attention import Attention, KVCache
+from refimpl.checkpoint import load_pretrained
 from refimpl.checks import check_token_ids
 from refimpl.config import ModelConfig
 from refimpl.generation import generate
@@ -104,4 +107,13 @@ class DenseForCausalLM(nn.Module):
         """Greedy (temperature 0, the default) or sampled continuation: [batch, prompt] -> [batch, prompt + new],
         with the KV cache. The loop and its arguments: `refimpl.generation.generate`."""
         return generate(self, input_ids, max_new_tokens, attention_mask, temperature, top_k, seed, eos_token_id)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> "DenseForCausalLM":
+        """Load a Hugging Face Llama / Mistral checkpoint: its folder (config.json + safetensors, single or
+        sharded) or a file inside it. dtype: default the checkpoint's `torch_dtype`; device: default "cpu".
+        Names and shapes are checked before anything is read; the steps and errors:
+        `refimpl.checkpoint.load_pretrained`."""
+        return load_pretrained(cls, path, dtype, device)
 

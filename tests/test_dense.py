@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 
-from refimpl import config as config_module
 from refimpl.config import ModelConfig
 from refimpl.dense import DenseForCausalLM
 
@@ -19,11 +18,6 @@ BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_l
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
-needs_llama3 = pytest.mark.skipif("llama3" not in getattr(config_module, "ROPE_SCALING_TYPES", ()),
-                                  reason="refimpl.config does not read rope_type llama3 yet (helper R1 adds it)")
-needs_window = pytest.mark.skipif("sliding_window" not in ModelConfig.__dataclass_fields__,
-                                  reason="ModelConfig has no sliding_window field yet (helper R1 adds it)")
-
 CASES = {
     "llama-mha": ("llama", dict(num_key_value_heads=4)),
     "llama-gqa": ("llama", dict(num_key_value_heads=2)),
@@ -31,7 +25,6 @@ CASES = {
     "llama-gqa-llama3-rope": ("llama", dict(num_key_value_heads=2, rope_parameters=LLAMA3)),
     "mistral-window-4": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),
 }
-MARKS = {"llama-gqa-llama3-rope": needs_llama3, "mistral-window-4": needs_window}
 
 
 def build_hf(kind: str, overrides: dict, seed: int = 0):
@@ -49,16 +42,12 @@ def build_hf(kind: str, overrides: dict, seed: int = 0):
     return model.eval()
 
 
-def ours_from_hf(hf) -> DenseForCausalLM:
-    model = DenseForCausalLM(ModelConfig.from_hf(hf.config.to_dict()))
-    model.load_state_dict(hf.state_dict(), strict=True)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", params=[pytest.param(k, marks=MARKS.get(k, ())) for k in sorted(CASES)])
-def pair(request):
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
     hf = build_hf(*CASES[request.param])
-    return hf, ours_from_hf(hf)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return hf, DenseForCausalLM.from_pretrained(folder)
 
 
 def _ids(batch=2, seq=11, seed=1):
@@ -105,10 +94,9 @@ def test_padded_batch_matches_transformers_and_each_prompt_alone(pair):
     assert torch.equal(got[1, 4:], ours.generate(short, 10)[0])
 
 
-@needs_window
-def test_sliding_window_changes_what_a_token_sees():
-    hf = build_hf("mistral", CASES["mistral-window-4"][1])
-    ours = ours_from_hf(hf)
+def test_sliding_window_changes_what_a_token_sees(tmp_path):
+    build_hf("mistral", CASES["mistral-window-4"][1]).save_pretrained(tmp_path)
+    ours = DenseForCausalLM.from_pretrained(tmp_path)
     ids = _ids()
     with torch.no_grad():
         logits = ours(ids)
