@@ -39,11 +39,18 @@ def _imported_modules(notebook: Path) -> set[str]:
             continue
         source = "".join(cell["source"])
         code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
-        for node in ast.walk(ast.parse(code)):
-            if isinstance(node, ast.Import):
-                modules |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                modules.add(node.module.split(".")[0])
+        modules |= _imports_of(code)
+    return modules
+
+
+def _imports_of(code: str) -> set[str]:
+    """Top-level names of the modules `code` imports (relative imports left out)."""
+    modules = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            modules.add(node.module.split(".")[0])
     return modules
 
 
@@ -138,3 +145,17 @@ def test_make_train_and_help(make):
     for word in ("make lab", "make test", "make train", "make clean-venv", "TORCH_SPEC", "TORCH_INDEX",
                  "CONSTRAINTS", "TRAIN_ARGS", "LAB_PORT", "PYTHON", "VENV"):
         assert word in shown
+
+
+@pytest.mark.parametrize("layer, forbidden", [("refimpl", {"kernels", "lessons", "exercises", "tests"}),
+                                              ("kernels", {"lessons", "exercises", "tests"})])
+def test_layers_import_only_the_layers_above(layer, forbidden):
+    """docs/design.md: refimpl <- kernels <- lessons, exercises; never the other way."""
+    for path in sorted((ROOT / layer).rglob("*.py")):
+        wrong = _imports_of(path.read_text()) & forbidden
+        assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_notebooks_never_import_tests(notebook):
+    assert "tests" not in _imported_modules(notebook)
