@@ -59,7 +59,7 @@ class Routing:
     """What the router decided for a batch of tokens."""
 
     topk_idx: torch.Tensor  # [tokens, k] int64: the chosen experts
-    topk_weight: torch.Tensor  # [tokens, k]: g_{i,t}, after normalization and routed_scaling_factor
+    topk_weight: torch.Tensor  # [tokens, k] float32 (float64): g_{i,t}, normalized (k > 1) and scaled
     scores: torch.Tensor  # [tokens, n_routed_experts]: the unbiased affinities s_{i,t} (float32 or float64)
 
 
