@@ -24,17 +24,17 @@ PIP := $(BIN)/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS
 help:
 	@echo "make lab         create $(VENV), install the course (extra 'lessons'), open JupyterLab on port $(LAB_PORT)"
 	@echo "make test        create $(VENV) if needed, install extra 'test', run the whole test suite (as CI)"
-	@echo "make train       train the lessons' tiny DeepSeek on the CPU: python -m refimpl.train $(TRAIN_ARGS)"
+	@echo "make train       train the lessons' tiny DeepSeek on the CPU with a progress bar (python -m refimpl.train)"
 	@echo "make clean-venv  delete $(VENV)"
 	@echo
-	@echo "variables (make lab NAME=value):"
-	@echo "  PYTHON=$(PYTHON)           the Python that creates the venv (>= 3.10)"
-	@echo "  VENV=$(VENV)"
-	@echo "  TORCH_SPEC=$(TORCH_SPEC)   the torch to install first"
-	@echo "  TORCH_INDEX=$(TORCH_INDEX)  PyTorch's index for torch, e.g. https://download.pytorch.org/whl/cpu"
-	@echo "  CONSTRAINTS=$(CONSTRAINTS)  pip constraints (tested versions); empty for none"
-	@echo "  TRAIN_ARGS=$(TRAIN_ARGS)   e.g. TRAIN_ARGS='--steps 100 --gamma 0.01'"
-	@echo "  LAB_PORT=$(LAB_PORT)"
+	@echo "variables (make lab NAME=value), with their values now:"
+	@echo "  PYTHON       $(PYTHON): the Python that creates the venv (>= 3.10)"
+	@echo "  VENV         $(VENV)"
+	@echo "  TORCH_SPEC   $(TORCH_SPEC): the torch installed first"
+	@echo "  TORCH_INDEX  '$(TORCH_INDEX)': PyTorch's index for torch, e.g. https://download.pytorch.org/whl/cpu"
+	@echo "  CONSTRAINTS  '$(CONSTRAINTS)': pip constraints with the tested versions; empty for none"
+	@echo "  TRAIN_ARGS   '$(TRAIN_ARGS)': e.g. TRAIN_ARGS='--steps 100 --gamma 0.01'"
+	@echo "  LAB_PORT     $(LAB_PORT)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
