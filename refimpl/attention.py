@@ -128,6 +128,9 @@ def position_ids(attention_mask: torch.Tensor | None, start_pos: int, seq: int,
     Without a mask: start_pos ... start_pos + seq - 1. With attention_mask [batch, kv_len] (left padding), a
     token's position counts only the tokens before it in its row: cumsum(mask) - 1, as transformers computes
     it, so a padded prompt gets the positions it has alone; padding gets position 0 (it is never attended to).
+    (RoPE scores depend only on position differences, so shifting a whole row changes no score in exact
+    arithmetic: what keeps a padded row right is the mask. The positions make it compute the same cos and sin
+    as alone, and matter wherever absolute positions do, e.g. against max_position_embeddings.)
     The mask starts at position start_pos - (kv_len - seq): 0 when it covers the cache, start_pos without one.
     """
     if attention_mask is None:
@@ -251,7 +254,9 @@ class Attention(nn.Module):
         cached position up to their own. Without: causal attention within hidden_states.
         attention_mask: [batch, kv_len] (kv_len = start_pos + seq with a cache, seq without), 1 = token,
         0 = left padding: padding is not attended to and positions count tokens only (`position_ids`).
-        With `sliding_window` in the config, a query sees only the last sliding_window keys (`causal_mask`).
+        With `sliding_window` in the config, a query sees only the last sliding_window keys (`causal_mask`); the
+        cache still keeps every token and the mask does the windowing (simplest correct; Mistral's rolling
+        buffer cache, section 2 of its paper, would keep only the last sliding_window keys and values).
         """
         check_shape("hidden_states", hidden_states, (None, None, self.hidden_size))
         check_same_dtype_device("hidden_states", hidden_states, self.q_proj.weight)
