@@ -105,9 +105,8 @@ def checkpoint_folder(path: str | Path) -> Path:
             raise ValueError(f"checkpoint: expected a folder (or its {CONFIG_FILE}, {INDEX_FILE} or a "
                              f".safetensors file), got the file {str(path)!r}")
         path = path.parent
-    for needed in (CONFIG_FILE,):
-        if not (path / needed).is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r}: no {needed} in the folder")
+    if not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r}: no {CONFIG_FILE} in the folder")
     if not (path / SINGLE_FILE).is_file() and not (path / INDEX_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r}: expected {SINGLE_FILE} or {INDEX_FILE} in the "
                                 "folder, found neither")
