@@ -10,7 +10,8 @@ in `ModelConfig`, tensor by tensor, with the names of the Hugging Face checkpoin
   attention scores and weighted values, which grow with the context; training is ~6N FLOPs per token;
 * memory (`kv_cache_elements_per_token`, `kv_cache_bytes`): the formulas of DeepSeek-V2's Table 1 (arXiv
   2405.04434): MHA caches 2 n_h d_h numbers per token per layer, GQA 2 n_g d_h, MQA 2 d_h, and MLA only
-  d_c + d_h^R (its latent and its one shared RoPE key). The cache grows *linearly* with context length;
+  d_c + d_h^R (its latent and its one shared RoPE key). The cache grows *linearly* with context length,
+  except that a sliding-window model (Mistral-7B, `sliding_window` 4096) caches at most its window;
 * money (`training_cost`): GPU-hours times a rental price, as the V3 report's Table 1 does.
 
 What the papers report is rounded and they do not give their formula; `param_counts` says which counting
@@ -192,7 +193,8 @@ def attention_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     per key and the weighted sum of values 2 * v_head_dim. Averaged over the seq_len positions (mean
     (seq_len + 1) / 2 keys): n_layers * n_heads * (qk_head_dim + v_head_dim) * (seq_len + 1). This is Kaplan
     et al.'s 2 * n_layer * n_ctx * d_attn (arXiv 2001.08361, Table 1) up to the +1, for d_qk = d_v. For MLA it
-    counts the naive path (keys and values decompressed per head), the one used in training.
+    counts the naive path (keys and values decompressed per head), the one used in training. It counts full
+    causal attention even for a sliding-window config (whose tokens past the window attend to fewer keys).
     """
     check_int("seq_len", seq_len, 1)
     v_head_dim = config.v_head_dim if config.is_mla else config.head_dim
@@ -259,13 +261,23 @@ def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_element: float = 2, 
     return kv_cache_elements_per_token(config, kind) * bytes_per_element
 
 
+def cached_tokens(config: ModelConfig, context_len: int) -> int:
+    """Tokens a sequence of context_len tokens keeps in its KV cache: all of them, or at most
+    `config.sliding_window` when the model attends only to that many (Mistral-7B-v0.1: 4096, config.json;
+    its rolling-buffer cache overwrites the oldest entry, Jiang et al. 2023, arXiv 2310.06825, sec. 2)."""
+    check_int("context_len", context_len, 0)
+    if config.sliding_window is None:
+        return context_len
+    return min(context_len, config.sliding_window)
+
+
 def kv_cache_bytes(config: ModelConfig, context_len: int, batch_size: int = 1, bytes_per_element: float = 2,
                    kind: str | None = None) -> float:
     """Bytes of KV cache for batch_size sequences of context_len tokens: linear in context_len (one entry per
-    token; attention's *compute* is what grows quadratically with the sequence, not its cache)."""
-    check_int("context_len", context_len, 0)
+    token; attention's *compute* is what grows quadratically with the sequence, not its cache), up to
+    `config.sliding_window` tokens for a sliding-window model, after which it stays flat (`cached_tokens`)."""
     check_int("batch_size", batch_size, 1)
-    return kv_cache_bytes_per_token(config, bytes_per_element, kind) * context_len * batch_size
+    return kv_cache_bytes_per_token(config, bytes_per_element, kind) * cached_tokens(config, context_len) * batch_size
 
 
 # ---------------------------------------------------------------------------------------------------- money

@@ -73,8 +73,12 @@ def scaled_dot_product_attention(
     return probs @ v  # [batch, heads, q_len, d_v]
 
 
-def causal_mask(q_len: int, kv_len: int, device: torch.device | None = None) -> torch.Tensor:
+def causal_mask(q_len: int, kv_len: int, device: torch.device | None = None,
+                sliding_window: int | None = None) -> torch.Tensor:
     """[q_len, kv_len] bool, True where query i (at position kv_len - q_len + i) may see key j (j <= that position).
+
+    sliding_window: if set, query i sees only the last `sliding_window` keys up to its position, itself included
+    (Mistral, Jiang et al. 2023, section 2: key j with position - sliding_window < j <= position).
 
     Note: torch.nn.functional.scaled_dot_product_attention(is_causal=True) aligns the queries with the *first*
     q_len keys instead (top-left); aligning them with the last ones (bottom-right) is what decoding with a cache
@@ -85,7 +89,70 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | None = None) -> 
             f"is_causal: expected q_len <= kv_len (the queries are the last q_len of the kv_len positions), "
             f"got q_len={q_len}, kv_len={kv_len}"
         )
-    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+    if sliding_window is not None:
+        check_int("sliding_window", sliding_window, 1)
+        mask = mask.triu(diagonal=kv_len - q_len - sliding_window + 1)
+    return mask
+
+
+def check_attention_mask(attention_mask, batch: int, kv_len: int) -> None:
+    """attention_mask: [batch, kv_len], bool or integer, 1 = token, 0 = padding. Padding must be on the left
+    (each row is zeros then ones, as transformers' decoder-only models pad), and each row holds a token.
+
+    Raises TypeError (not a tensor, float dtype) or ValueError (shape, values, right padding, an empty row)."""
+    check_tensor("attention_mask", attention_mask)
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"attention_mask: expected a bool or integer tensor (1 = token, 0 = padding), "
+                        f"got dtype {attention_mask.dtype}")
+    if tuple(attention_mask.shape) != (batch, kv_len):
+        raise ValueError(f"attention_mask: expected shape ({batch}, {kv_len}) (batch, tokens seen: those of "
+                         f"input_ids, after those in the cache), got {tuple(attention_mask.shape)}")
+    mask = attention_mask.long()
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"attention_mask: expected values 0 (padding) and 1 (token), "
+                         f"got {sorted(set(mask.unique().tolist()))}")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        rows = (mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask: expected left padding (each row zeros, then ones); rows {rows} have a "
+                         f"0 after a 1 (right padding: pad on the left for generation)")
+    if kv_len and (mask.sum(dim=1) == 0).any():
+        rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask: expected at least one token (a 1) in every row; rows {rows} are all 0")
+
+
+def position_ids(attention_mask: torch.Tensor | None, start_pos: int, seq: int,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Positions of the last `seq` of the kv_len keys, the queries, for RoPE: [seq], or [batch, seq] with a mask.
+
+    Without a mask: start_pos ... start_pos + seq - 1. With attention_mask [batch, kv_len] (left padding), a
+    token's position counts only the tokens before it in its row: cumsum(mask) - 1, as transformers computes
+    it, so a padded prompt gets the positions it has alone; padding gets position 0 (it is never attended to).
+    (RoPE scores depend only on position differences, so shifting a whole row changes no score in exact
+    arithmetic: what keeps a padded row right is the mask. The positions make it compute the same cos and sin
+    as alone, and matter wherever absolute positions do, e.g. against max_position_embeddings.)
+    The mask starts at position start_pos - (kv_len - seq): 0 when it covers the cache, start_pos without one.
+    """
+    if attention_mask is None:
+        return torch.arange(start_pos, start_pos + seq, device=device)
+    first = start_pos - (attention_mask.shape[1] - seq)
+    counts = attention_mask.long().cumsum(dim=1)[:, attention_mask.shape[1] - seq:]  # [batch, seq]
+    return (first + counts - 1).clamp(min=0)
+
+
+def decoder_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
+                 sliding_window: int | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """The mask a decoder's attention uses: bool [batch or 1, 1, q_len, kv_len], True where a query may see a key.
+
+    Causal (bottom-right aligned, `causal_mask`), within `sliding_window` if set, and only keys that are tokens
+    (attention_mask [batch, kv_len], 1 = token, 0 = padding). A padding query sees only itself, so that no
+    softmax row is empty (an empty one would give NaN); no token sees it, so its output is never used.
+    """
+    allowed = causal_mask(q_len, kv_len, device, sliding_window)  # [q_len, kv_len]
+    if attention_mask is None:
+        return allowed[None, None]
+    is_token = attention_mask.bool()[:, None, None, :]  # [batch, 1, 1, kv_len]
+    return (allowed & is_token) | causal_mask(q_len, kv_len, device, sliding_window=1)  # a query's own key
 
 
 def _check_mask(mask, q: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int) -> None:
@@ -177,12 +244,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=bias)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.rope_theta, config.rope_scaling)
         self.softmax_scale = softmax_scale(self.head_dim, config.rope_scaling)
+        self.sliding_window = config.sliding_window  # Mistral; None: every earlier token
 
-    def forward(self, hidden_states: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: [batch, seq, hidden] at positions start_pos ... start_pos + seq - 1 -> [batch, seq, hidden].
 
         With a cache: the new keys and values are written into it and the queries attend, causally, to every
         cached position up to their own. Without: causal attention within hidden_states.
+        attention_mask: [batch, kv_len] (kv_len = start_pos + seq with a cache, seq without), 1 = token,
+        0 = left padding: padding is not attended to and positions count tokens only (`position_ids`).
+        With `sliding_window` in the config, a query sees only the last sliding_window keys (`causal_mask`); the
+        cache still keeps every token and the mask does the windowing (simplest correct; Mistral's rolling
+        buffer cache, section 2 of its paper, would keep only the last sliding_window keys and values).
         """
         check_shape("hidden_states", hidden_states, (None, None, self.hidden_size))
         check_same_dtype_device("hidden_states", hidden_states, self.q_proj.weight)
@@ -190,12 +264,15 @@ class Attention(nn.Module):
         _check_start_pos(start_pos)
         if cache is not None:
             self._check_cache(cache, batch)
+        kv_len = start_pos + seq if cache is not None else seq
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, batch, kv_len)
         q = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(batch, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(batch, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         # q: [batch, heads, seq, head_dim], k, v: [batch, kv_heads, seq, head_dim]
-        positions = torch.arange(start_pos, start_pos + seq, device=hidden_states.device)
-        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)  # [seq, head_dim / 2]
+        positions = position_ids(attention_mask, start_pos, seq, hidden_states.device)  # [seq] or [batch, seq]
+        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)  # [(batch,) seq, head_dim / 2]
         # Llama's half-split pairs; config.rope_interleave describes DeepSeek's MLA checkpoints and is not used here
         q = apply_rope(q, cos, sin, interleaved=False)
         k = apply_rope(k, cos, sin, interleaved=False)
@@ -203,7 +280,8 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, start_pos)  # [batch, kv_heads, start_pos + seq, head_dim]
         k = repeat_kv(k, self.num_key_value_groups)  # [batch, heads, kv_len, head_dim]
         v = repeat_kv(v, self.num_key_value_groups)
-        out = scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, is_causal=True)
+        mask = decoder_mask(attention_mask, seq, kv_len, self.sliding_window, hidden_states.device)
+        out = scaled_dot_product_attention(q, k, v, mask, scale=self.softmax_scale)  # [batch, heads, seq, head_dim]
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # [batch, seq, heads * head_dim]
         return self.o_proj(out)  # [batch, seq, hidden]
 

@@ -14,23 +14,35 @@ each file's `_source` field).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refimpl.checks import check_number
+from refimpl.checks import check_int, check_number
 
 KNOWN_CONFIG_DIR = Path(__file__).parent / "known_configs"
 
-ROPE_SCALING_TYPES = ("yarn",)
+# The fields each RoPE scaling type reads (besides `type`); the others keep their defaults.
+ROPE_SCALING_FIELDS = {
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+}
+ROPE_SCALING_TYPES = tuple(ROPE_SCALING_FIELDS)
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """YaRN context extension, as in the `rope_scaling` block of DeepSeek-V2/V3 configs."""
+    """A context extension of RoPE: the `rope_scaling` block of a config.json (see `refimpl.rope`).
+
+    * type 'yarn' (DeepSeek-V2/V3): `factor`, `original_max_position_embeddings`, `beta_fast`, `beta_slow`,
+      `mscale`, `mscale_all_dim`;
+    * type 'llama3' (Llama 3.1 and later): `factor`, `original_max_position_embeddings`, `low_freq_factor`,
+      `high_freq_factor`.
+    """
 
     type: str
     factor: float
@@ -39,17 +51,23 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
 
     def __post_init__(self):
         if self.type not in ROPE_SCALING_TYPES:
             raise ValueError(f"rope_scaling.type: expected one of {ROPE_SCALING_TYPES}, got {self.type!r}")
         check_number("rope_scaling.factor", self.factor, positive=True)
-        check_number("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings,
-                     positive=True)
-        if not self.beta_fast > self.beta_slow > 0:
+        check_int("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings, 1)
+        if self.type == "yarn" and not self.beta_fast > self.beta_slow > 0:
             raise ValueError(
                 f"rope_scaling: expected beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, "
                 f"beta_slow={self.beta_slow}"
+            )
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(
+                f"rope_scaling: expected high_freq_factor > low_freq_factor > 0, got "
+                f"high_freq_factor={self.high_freq_factor}, low_freq_factor={self.low_freq_factor}"
             )
 
     @classmethod
@@ -58,11 +76,18 @@ class RopeScaling:
         kind, alias = d.pop("type", None), d.pop("rope_type", None)  # older files: type; transformers 5: both
         kind = kind or alias
         d.pop("rope_theta", None)  # transformers 5 keeps the base inside `rope_parameters`
-        known = {f.name for f in dataclasses.fields(cls)} - {"type"}
-        unknown = sorted(set(d) - known)
+        if kind not in ROPE_SCALING_FIELDS:
+            raise ValueError(f"rope_scaling.type: expected one of {ROPE_SCALING_TYPES}, got {kind!r}")
+        known = ROPE_SCALING_FIELDS[kind]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"rope_scaling: unknown fields {unknown}; expected some of {sorted(known)}")
+            raise ValueError(f"rope_scaling: unknown fields {unknown} for type {kind!r}; expected some of "
+                             f"{sorted(known)}")
         return cls(type=kind, **d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `rope_scaling` block of a config.json: the type and its own fields (readable by `from_dict`)."""
+        return {"type": self.type, **{name: getattr(self, name) for name in ROPE_SCALING_FIELDS[self.type]}}
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,8 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0
     seq_aux: bool = False
     num_nextn_predict_layers: int = 0  # V3's multi-token prediction modules (not used for inference here)
+    # --- sliding-window attention (Mistral-7B-v0.1: 4096); None: every token attends to all before it ---
+    sliding_window: int | None = None  # a token attends to at most this many tokens (itself included)
     # --- bookkeeping, not architecture ---
     name: str = field(default="", compare=False)
     source: str = field(default="", compare=False)
@@ -144,7 +171,11 @@ class ModelConfig:
     def _validate(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "num_key_value_heads", "max_position_embeddings", "moe_layer_freq"):
-            check_number(name, getattr(self, name), positive=True)
+            check_int(name, getattr(self, name), 1)
+        for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            check_int(name, getattr(self, name), 0)
+        if self.sliding_window is not None:
+            check_int("sliding_window", self.sliding_window, 1)
         check_number("rms_norm_eps", self.rms_norm_eps, positive=True)
         check_number("rope_theta", self.rope_theta, positive=True)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -157,7 +188,7 @@ class ModelConfig:
         if self.is_mla:
             self._validate_mla()
         else:
-            check_number("head_dim", self.head_dim, positive=True)
+            check_int("head_dim", self.head_dim, 1)
             if self.head_dim % 2:
                 raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.is_moe:
@@ -167,14 +198,14 @@ class ModelConfig:
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             if getattr(self, name) is None:
                 raise ValueError(f"{name}: expected a positive int when kv_lora_rank is set (MLA), got None")
-            check_number(name, getattr(self, name), positive=True)
+            check_int(name, getattr(self, name), 1)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even for rotary embeddings, got {self.qk_rope_head_dim}")
         for name in ("q_lora_rank", "kv_lora_rank"):
             rank = getattr(self, name)
             if rank is None:
                 continue
-            check_number(name, rank, positive=True)
+            check_int(name, rank, 1)
             if rank > self.hidden_size:
                 raise ValueError(
                     f"{name} ({rank}) must not be larger than hidden_size ({self.hidden_size}): "
@@ -185,9 +216,7 @@ class ModelConfig:
         for name in ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
             if getattr(self, name) is None:
                 raise ValueError(f"{name}: expected a positive int when n_routed_experts is set (MoE), got None")
-            check_number(name, getattr(self, name), positive=True)
-        if self.n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+            check_int(name, getattr(self, name), 1)
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must not exceed "
@@ -214,8 +243,6 @@ class ModelConfig:
             raise ValueError(f"scoring_func: expected one of {SCORING_FUNCS}, got {self.scoring_func!r}")
         if self.topk_method not in TOPK_METHODS:
             raise ValueError(f"topk_method: expected one of {TOPK_METHODS}, got {self.topk_method!r}")
-        if self.first_k_dense_replace < 0:
-            raise ValueError(f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace}")
         check_number("routed_scaling_factor", self.routed_scaling_factor, positive=True)
 
     # ------------------------------------------------------------------ reading and writing
@@ -224,8 +251,10 @@ class ModelConfig:
         """Read a Hugging Face `config.json` (a path to the file or its folder, or the parsed dict).
 
         Keys that do not describe the architecture (`architectures`, `torch_dtype`, `quantization_config`, ...)
-        are ignored. transformers 5 writes `rope_parameters` (with `rope_theta` inside) where older files
-        have `rope_theta` and `rope_scaling`; both are read.
+        are ignored, but an unknown key that looks like a misspelled field (`n_routed_expert`) raises a
+        ValueError naming both: ignored, it would silently turn an MoE model dense. transformers 5 writes
+        `rope_parameters` (with `rope_theta` inside) where older files have `rope_theta` and `rope_scaling`;
+        both are read. `sliding_window` is dropped when the file sets `use_sliding_window: false` (Qwen2).
         """
         if isinstance(source, (str, Path)):
             path = Path(source)
@@ -240,6 +269,9 @@ class ModelConfig:
         else:
             raise TypeError(f"config source: expected a path or a dict, got {type(source).__name__}")
         d = _normalize_rope_keys(d)
+        if d.get("use_sliding_window") is False:
+            d["sliding_window"] = None
+        _check_no_misspelled_keys(d)
         for key, value in _MODEL_TYPE_DEFAULTS.get(d.get("model_type"), {}).items():
             if d.get(key) is None:
                 d[key] = value
@@ -260,6 +292,8 @@ class ModelConfig:
         """A dict in the Hugging Face `config.json` layout (readable back by `from_hf`)."""
         d = dataclasses.asdict(self)
         d["_name"], d["_source"] = d.pop("name"), d.pop("source")
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = self.rope_scaling.to_dict()
         return d
 
 
@@ -268,6 +302,24 @@ class ModelConfig:
 _MODEL_TYPE_DEFAULTS = {
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
 }
+
+
+# Keys of real config.json files that are close to a field name but mean something else.
+_NEAR_MISSES_ALLOWED = {
+    "qk_head_dim",  # transformers' DeepSeek configs: qk_nope_head_dim + qk_rope_head_dim (our property)
+    "use_sliding_window",  # Qwen2: whether `sliding_window` applies (read by `from_hf`)
+}
+
+
+def _check_no_misspelled_keys(d: dict[str, Any]) -> None:
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in d:
+        if key in fields or key in _NEAR_MISSES_ALLOWED or key.startswith("_"):
+            continue
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+        if close:
+            raise ValueError(f"config: unknown key {key!r}; did you mean the field {close[0]!r}? (other unknown "
+                             "keys, such as architectures or torch_dtype, are ignored)")
 
 
 def _normalize_rope_keys(d: dict[str, Any]) -> dict[str, Any]:

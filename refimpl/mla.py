@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from refimpl.attention import causal_mask, scaled_dot_product_attention
+from refimpl.attention import check_attention_mask, decoder_mask, position_ids, scaled_dot_product_attention
 from refimpl.checks import check_int, check_same_dtype_device, check_shape
 from refimpl.config import ModelConfig
 from refimpl.norm import RMSNorm
@@ -145,11 +145,14 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = softmax_scale(qk_head_dim, config.rope_scaling)
 
     def forward(self, hidden_states: torch.Tensor, start_pos: int = 0, cache: MLACache | None = None,
-                mode: str = "naive") -> torch.Tensor:
+                mode: str = "naive", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states: [batch, seq, hidden] at positions start_pos ... start_pos + seq - 1 -> [batch, seq, hidden].
 
         With a cache: the new latents are written into it and the queries attend, causally, to every cached
         position up to their own. Without: causal attention within hidden_states.
+        attention_mask: [batch, kv_len] (kv_len = start_pos + seq with a cache, seq without), 1 = token,
+        0 = left padding: padding is not attended to and positions count tokens only
+        (`refimpl.attention.position_ids`), on both paths.
         """
         check_shape("hidden_states", hidden_states, (None, None, self.hidden_size))
         check_same_dtype_device("hidden_states", hidden_states, self.kv_a_proj_with_mqa.weight)
@@ -159,17 +162,21 @@ class MultiHeadLatentAttention(nn.Module):
         batch, seq, _ = hidden_states.shape
         if cache is not None:
             self._check_cache(cache, batch)
+        kv_len = start_pos + seq if cache is not None else seq
+        if attention_mask is not None:
+            check_attention_mask(attention_mask, batch, kv_len)
 
-        positions = torch.arange(start_pos, start_pos + seq, device=hidden_states.device)
-        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)  # [seq, qk_rope_head_dim / 2]
+        positions = position_ids(attention_mask, start_pos, seq, hidden_states.device)  # [seq] or [batch, seq]
+        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)  # [(batch,) seq, qk_rope_head_dim / 2]
         q_nope, q_pe = self._queries(hidden_states, cos, sin)  # [batch, heads, seq, qk_nope / qk_rope_head_dim]
         c_kv, k_pe = self._latents(hidden_states, cos, sin)  # [batch, seq, kv_lora_rank / qk_rope_head_dim]
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe, start_pos)  # [batch, start_pos + seq, ...]
+        mask = decoder_mask(attention_mask, seq, kv_len, device=hidden_states.device)  # [batch or 1, 1, seq, kv_len]
         if mode == "naive":
-            out = self._attend_naive(q_nope, q_pe, c_kv, k_pe)  # [batch, heads, seq, v_head_dim]
+            out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)  # [batch, heads, seq, v_head_dim]
         else:
-            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe)
+            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim)  # [o_t,1; ...; o_t,n_h]
         return self.o_proj(out)  # eq 19: [batch, seq, hidden]
 
@@ -187,7 +194,8 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # c^Q = norm(W^DQ h), then W^UQ, W^QR
-        q = q.view(batch, seq, self.num_heads, -1).transpose(1, 2)  # [batch, heads, seq, qk_nope + qk_rope]
+        q = q.view(batch, seq, self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim).transpose(1, 2)
+        # q: [batch, heads, seq, qk_nope + qk_rope]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin, interleaved=self.rope_interleave)
 
@@ -211,21 +219,23 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         return w_uk, w_uv
 
-    def _attend_naive(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+    def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Decompress keys and values for every cached token, then ordinary attention (eqs 10, 11, 16-18).
 
         q_nope: [batch, heads, seq, qk_nope], q_pe: [batch, heads, seq, qk_rope], c_kv: [batch, kv_len, kv_lora_rank],
-        k_pe: [batch, kv_len, qk_rope] -> [batch, heads, seq, v_head_dim].
+        k_pe: [batch, kv_len, qk_rope], mask: bool [batch or 1, 1, seq, kv_len] (`refimpl.attention.decoder_mask`)
+        -> [batch, heads, seq, v_head_dim].
         """
         batch, kv_len, _ = c_kv.shape
-        kv = self.kv_b_proj(c_kv).view(batch, kv_len, self.num_heads, -1).transpose(1, 2)  # [b, h, kv_len, nope + v]
+        kv = self.kv_b_proj(c_kv).view(batch, kv_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        kv = kv.transpose(1, 2)  # [batch, heads, kv_len, qk_nope + v_head_dim]
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # k^C, v^C
         k_pe = k_pe.unsqueeze(1).expand(-1, self.num_heads, -1, -1)  # the one k^R, for every head
         q = torch.cat((q_nope, q_pe), dim=-1)  # eq 16: [batch, heads, seq, qk_nope + qk_rope]
         k = torch.cat((k_nope, k_pe), dim=-1)  # eq 17: [batch, heads, kv_len, qk_nope + qk_rope]
-        return scaled_dot_product_attention(q, k, v, scale=self.softmax_scale, is_causal=True)
+        return scaled_dot_product_attention(q, k, v, mask, scale=self.softmax_scale)
 
-    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Attend in latent space: W^UK folded into the query, W^UV applied after the weighted sum.
 
         Same shapes in and out as `_attend_naive`; no per-head key or value is ever built.
@@ -237,8 +247,7 @@ class MultiHeadLatentAttention(nn.Module):
         # softmax in float32 (float64 for float64 input), as in refimpl.attention and DeepSeek's code
         compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
         scores = scores.to(compute_dtype) * self.softmax_scale
-        seq, kv_len = scores.shape[-2:]
-        scores = scores.masked_fill(~causal_mask(seq, kv_len, scores.device), float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype)
         out_latent = torch.einsum("bhst,btc->bhsc", probs, c_kv)  # sum_j p_tj c_j^KV: [batch, heads, seq, kv_lora_rank]
         return torch.einsum("bhsc,hvc->bhsv", out_latent, w_uv)  # W^UV_i (...): [batch, heads, seq, v_head_dim]

@@ -13,15 +13,15 @@ names, with nothing renamed. `generate` decodes with the latent MLA cache, on th
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from refimpl.checkpoint import load_pretrained
 from refimpl.checks import check_token_ids
 from refimpl.config import ModelConfig
+from refimpl.generation import generate
 from refimpl.mla import MLACache, MultiHeadLatentAttention
 from refimpl.moe import MLP, DeepSeekMoE, Router
 from refimpl.norm import RMSNorm
@@ -40,8 +40,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, start_pos: int = 0, cache: MLACache | None = None, mode: str = "naive"):
-        x = x + self.self_attn(self.input_layernorm(x), start_pos, cache, mode)  # [batch, seq, hidden]
+    def forward(self, x, start_pos: int = 0, cache: MLACache | None = None, mode: str = "naive",
+                attention_mask: torch.Tensor | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, cache, mode, attention_mask)  # [batch, seq, hidden]
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -54,10 +55,11 @@ class DeepSeekModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, start_pos: int = 0, caches: list[MLACache] | None = None, mode: str = "naive"):
+    def forward(self, input_ids, start_pos: int = 0, caches: list[MLACache] | None = None, mode: str = "naive",
+                attention_mask: torch.Tensor | None = None):
         x = self.embed_tokens(input_ids)  # [batch, seq, hidden]
         for i, layer in enumerate(self.layers):
-            x = layer(x, start_pos, None if caches is None else caches[i], mode)
+            x = layer(x, start_pos, None if caches is None else caches[i], mode, attention_mask)
         return self.norm(x)
 
 
@@ -75,12 +77,18 @@ class DeepSeekForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, start_pos: int = 0, caches: list[MLACache] | None = None,
-                mode: str = "naive") -> torch.Tensor:
-        """input_ids: [batch, seq] -> logits [batch, seq, vocab]. With caches, input_ids start at `start_pos`."""
+                mode: str = "naive", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [batch, seq] -> logits [batch, seq, vocab] (float, the model's dtype; seq may be 0).
+
+        With caches, input_ids start at `start_pos`. mode: the MLA path, "naive" or "absorbed" (`refimpl.mla`).
+        attention_mask: [batch, seq] (with caches: [batch, start_pos + seq], covering the cached tokens too),
+        1 = token, 0 = left padding; padding is not attended to and positions count tokens only, so each row
+        gets the logits its tokens get alone (`refimpl.attention.position_ids`, `decoder_mask`).
+        """
         check_token_ids("input_ids", input_ids, self.config.vocab_size)
         if caches is not None and len(caches) != self.config.num_hidden_layers:
             raise ValueError(f"caches: expected one per layer ({self.config.num_hidden_layers}), got {len(caches)}")
-        return self.lm_head(self.model(input_ids, start_pos, caches, mode))
+        return self.lm_head(self.model(input_ids, start_pos, caches, mode, attention_mask))
 
     def new_caches(self, batch_size: int, max_len: int) -> list[MLACache]:
         return [layer.self_attn.new_cache(batch_size, max_len) for layer in self.model.layers]
@@ -89,65 +97,31 @@ class DeepSeekForCausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, DeepSeekMoE)]
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int | None = None, eos_token_id: int | None = None, mode: str = "absorbed") -> torch.Tensor:
+    def generate(self, input_ids, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
+                 eos_token_id: int | None = None, mode: str = "absorbed") -> torch.Tensor:
         """Greedy (temperature 0, the default) or sampled continuation: [batch, prompt] -> [batch, prompt + new].
 
-        The prompt is processed in one prefill call, then one token per call, each reading the latent cache.
-        Rows that produced `eos_token_id` keep producing it; decoding stops when every row has.
+        The prompt is processed in one prefill call, then one token per call, each reading the latent cache, on
+        the `mode` path ("absorbed" by default). The loop and its arguments: `refimpl.generation.generate`.
         """
-        check_token_ids("input_ids", input_ids, self.config.vocab_size)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature: expected >= 0 (0 is greedy), got {temperature}")
-        if top_k is not None and not 0 < top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k: expected 1..{self.config.vocab_size} or None, got {top_k}")
-        batch_size, prompt_len = input_ids.shape
-        total = prompt_len + max_new_tokens
-        if total > self.config.max_position_embeddings:
-            raise ValueError(f"prompt + max_new_tokens: expected at most max_position_embeddings "
-                             f"({self.config.max_position_embeddings}), got {total}")
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-
-        caches = self.new_caches(batch_size, total)
-        tokens = input_ids
-        logits = self(input_ids, 0, caches, mode)[:, -1]  # prefill: [batch, vocab]
-        done = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            next_token = _pick(logits, temperature, top_k, generator)  # [batch]
-            if eos_token_id is not None:
-                next_token = next_token.masked_fill(done, eos_token_id)
-                done |= next_token == eos_token_id
-            tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            logits = self(next_token[:, None], prompt_len + step, caches, mode)[:, -1]
-        return tokens
+        return generate(self, input_ids, max_new_tokens, attention_mask, temperature, top_k, seed, eos_token_id,
+                        mode=mode)
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "DeepSeekForCausalLM":
-        """Load a Hugging Face DeepSeek-V2/V3 checkpoint folder (config.json + safetensors, single or sharded).
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> "DeepSeekForCausalLM":
+        """Load a Hugging Face DeepSeek-V2/V3 checkpoint: its folder (config.json + safetensors, single or
+        sharded) or a file inside it.
 
-        Every tensor is checked (names and shapes) before the model is returned; any missing, extra or wrongly
-        shaped tensor raises a ValueError that lists them. V3's multi-token-prediction layer (stored as layer
-        `num_hidden_layers`, e.g. `model.layers.61.*`) is not part of next-token inference: it is skipped with a
-        warning that says so.
+        dtype: default the checkpoint's `torch_dtype`; the routers stay float32. device: default "cpu".
+        Every tensor is checked (names and shapes) before anything is read; missing, extra or wrongly shaped
+        tensors raise one ValueError that lists them all. V3's multi-token-prediction layers (stored after the
+        decoder layers, `model.layers.61.*` in V3) are skipped with a warning; V3's FP8 weights are
+        dequantized. The steps, errors and memory: `refimpl.checkpoint.load_pretrained`.
         """
-        path = Path(path)
-        config = ModelConfig.from_hf(path)
-        model = cls(config).to(dtype)
-        state = _read_safetensors(path)
-        state = _drop_mtp_layers(state, config)
-        if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
-            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-        _check_state(model.state_dict(), state)
-        model.load_state_dict(state, strict=True)  # copies into the model's dtype
-        return model.eval()
+        return load_pretrained(cls, path, dtype, device)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -155,62 +129,3 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=INIT_STD)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-
-
-def _pick(logits, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    """logits [batch, vocab] -> next token ids [batch]."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]  # [batch, 1]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise ValueError(f"checkpoint {path}: shards named in model.safetensors.index.json are missing: {missing}")
-        state = {}
-        for shard in shards:
-            state.update(load_file(path / shard))
-        return state
-    raise ValueError(f"checkpoint {path}: expected model.safetensors or model.safetensors.index.json, found neither")
-
-
-def _drop_mtp_layers(state: dict, config: ModelConfig) -> dict:
-    first_extra = f"model.layers.{config.num_hidden_layers}."
-    mtp = [k for k in state if k.startswith(first_extra)]
-    if mtp:
-        warnings.warn(
-            f"skipping {len(mtp)} tensors of the multi-token-prediction layer ({first_extra}*): DeepSeek-V3 uses it "
-            "for training and speculative decoding, not for next-token logits",
-            stacklevel=3,
-        )
-    return {k: v for k, v in state.items() if not k.startswith(first_extra)}
-
-
-def _check_state(expected: dict, given: dict) -> None:
-    missing = sorted(set(expected) - set(given))
-    extra = sorted(set(given) - set(expected))
-    wrong = sorted(f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
-                   for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if extra:
-        hint = " (FP8 scale tensors: dequantize the checkpoint to BF16 first)" if any(
-            k.endswith("weight_scale_inv") for k in extra) else ""
-        problems.append(f"unexpected tensors {extra}{hint}")
-    if wrong:
-        problems.append(f"wrongly shaped tensors {wrong}")
-    if problems:
-        raise ValueError("checkpoint does not match the config: " + "; ".join(problems))

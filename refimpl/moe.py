@@ -59,7 +59,7 @@ class Routing:
     """What the router decided for a batch of tokens."""
 
     topk_idx: torch.Tensor  # [tokens, k] int64: the chosen experts
-    topk_weight: torch.Tensor  # [tokens, k]: g_{i,t}, after normalization and routed_scaling_factor
+    topk_weight: torch.Tensor  # [tokens, k] float32 (float64): g_{i,t}, normalized (k > 1) and scaled
     scores: torch.Tensor  # [tokens, n_routed_experts]: the unbiased affinities s_{i,t} (float32 or float64)
 
 
@@ -78,16 +78,53 @@ class Router(nn.Module):
         self.scoring_func = config.scoring_func
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))  # e_i, one row each
+        # float32 whatever the default dtype (see `_apply`): e_i, one row per expert, [n_routed_experts, hidden]
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as DeepSeek's MoEGate does
         if config.topk_method == "noaux_tc":
             # b_i of V3's auxiliary-loss-free balancing: not trained by gradients, moved by `update_bias`
-            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+            self.register_buffer("e_score_correction_bias",
+                                 torch.zeros(config.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
 
+    def _apply(self, fn, recurse=True):
+        """`model.to(dtype)`, `.half()`, `.bfloat16()` (all of them call `_apply`) leave the router float32.
+
+        Routing is decided by small differences: released V3 biases sit near 5 with a spread of a few
+        hundredths, where bfloat16 steps by 1/32, so in bfloat16 neighbouring biases merge and tokens go to
+        other experts; and a bias step of gamma = 1e-3 is lost on a bfloat16 bias near 0.5 (step 1/256).
+        So, as transformers' DeepSeek routers do, the gate weight and the bias stay float32 whatever the
+        model's dtype: a cast to a narrower floating dtype is not applied to them, while device moves,
+        `to_empty`, and casts to float64 are. (`fn` is probed on an empty tensor to learn where it sends one.)
+        """
+
+        def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return fn(t)
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            if target.dtype.itemsize < 4:  # bfloat16, float16, float8: only the device change applies
+                return t.to(device=target.device)
+            return fn(t)
+
+        return super()._apply(at_least_float32, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A bfloat16 checkpoint (or `load_state_dict(..., assign=True)`) must not narrow the router: the
+        loaded weight and bias are widened to float32 first (exactly: every bfloat16 is a float32)."""
+        for name in ("weight", "e_score_correction_bias"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].is_floating_point() and state_dict[key].dtype.itemsize < 4:
+                state_dict[key] = state_dict[key].float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> Routing:
-        """x: [tokens, hidden] -> Routing."""
+        """x: [tokens, hidden] in any floating dtype -> Routing, computed in float32 (float64 for float64 x).
+
+        The hidden states are cast up for the gate's matmul (as transformers does): the routing weights come
+        out float32 and `combine` multiplies them in float32 before casting to the activations' dtype.
+        0 tokens give an empty routing ([0, k] experts and weights).
+        """
         check_tensor("x", x, ndim=2, dtype_floating=True)
         check_last_dim("x", x, self.weight.shape[1])
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -101,10 +138,13 @@ class Router(nn.Module):
         topk_idx = choice.topk(self.top_k, dim=-1).indices  # [tokens, k]
         # The bias only chooses: the weights are the unbiased scores of the chosen experts (V3 eq. 16 and 13).
         topk_weight = scores.gather(1, topk_idx)  # [tokens, k]
-        # transformers' DeepseekV2TopkRouter ignores norm_topk_prob (the released V2 configs set it False);
-        # we honour it for V2 as for V3, as DeepSeek's released V2 code does. That code also skips the
-        # normalization when k == 1; we normalize for any k, as transformers' DeepseekV3TopkRouter does.
-        if self.norm_topk_prob:
+        # Normalize only when k > 1, as DeepSeek's released modeling_deepseek.py (V2 and V3, the code shipped
+        # with the checkpoints) does for every scoring function: `if self.top_k > 1 and self.norm_topk_prob`.
+        # For k = 1 the weight divided by itself would always be 1, and the gate a constant
+        # routed_scaling_factor. Others differ at k = 1: transformers' DeepseekV3TopkRouter normalizes for
+        # any k, DeepSeek-V3's inference/model.py normalizes sigmoid scores for any k and softmax ones never,
+        # and transformers' DeepseekV2TopkRouter ignores norm_topk_prob (the released V2 configs set it False).
+        if self.norm_topk_prob and self.top_k > 1:
             topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)  # 1e-20: DeepSeek's code
         topk_weight = topk_weight * self.routed_scaling_factor
         return Routing(topk_idx=topk_idx, topk_weight=topk_weight, scores=scores)
@@ -112,7 +152,7 @@ class Router(nn.Module):
     def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Keep the experts of the best `topk_group` groups, set the others to -inf. [tokens, E] -> [tokens, E]."""
         tokens = choice.shape[0]
-        grouped = choice.view(tokens, self.n_group, -1)  # [tokens, n_group, experts per group]
+        grouped = choice.view(tokens, self.n_group, self.n_routed_experts // self.n_group)  # [tokens, groups, E/groups]
         if self.topk_method == "group_limited_greedy":
             group_scores = grouped.max(dim=-1).values  # V2: a group is as good as its best expert
         else:
@@ -122,7 +162,7 @@ class Router(nn.Module):
         # -inf, not 0: with V3's bias the choice scores can be negative, and a zeroed expert of a dropped group
         # would then beat the kept ones. transformers' V2 router fills with 0.0, which is the same only because
         # softmax scores (and V2 has no bias) are always positive.
-        return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(tokens, -1)
+        return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(tokens, self.n_routed_experts)
 
     def extra_repr(self) -> str:
         return (f"{self.n_routed_experts} experts, top_k={self.top_k}, {self.scoring_func}, {self.topk_method}, "
@@ -155,10 +195,12 @@ def expert_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed_e
         L_ExpBal = alpha * sum_i f_i P_i,   f_i = N' / (K' T) * (tokens choosing expert i),   P_i = mean_t s_{i,t}
 
     N' = n_routed_experts, K' = k. f_i is 1 for every expert when the load is even; only P_i carries a gradient.
-    scores: [tokens, n_routed_experts], topk_idx: [tokens, k] -> a scalar.
+    scores: [tokens, n_routed_experts], topk_idx: [tokens, k] -> a scalar. 0 tokens give 0 (see `_no_tokens`).
     """
     _check_routing(scores, topk_idx, n_routed_experts)
     tokens, k = topk_idx.shape
+    if tokens == 0:
+        return _no_tokens(scores)
     f = expert_load(topk_idx, n_routed_experts).to(scores.dtype) * n_routed_experts / (k * tokens)  # [E]
     P = scores.mean(dim=0)  # [E]
     return alpha * (f * P).sum()
@@ -170,13 +212,16 @@ def device_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed_e
 
         L_DevBal = alpha * sum_d f'_d P'_d,   f'_d = mean_{i in E_d} f_i,   P'_d = sum_{i in E_d} P_i
 
-    with f_i and P_i as in `expert_balance_loss`. scores: [tokens, E], topk_idx: [tokens, k] -> a scalar.
+    with f_i and P_i as in `expert_balance_loss`. scores: [tokens, E], topk_idx: [tokens, k] -> a scalar;
+    0 tokens give 0.
     """
     _check_routing(scores, topk_idx, n_routed_experts)
     if n_group <= 0 or n_routed_experts % n_group:
         raise ValueError(f"n_group: expected a positive divisor of n_routed_experts ({n_routed_experts}), "
                          f"got {n_group}")
     tokens, k = topk_idx.shape
+    if tokens == 0:
+        return _no_tokens(scores)
     f = expert_load(topk_idx, n_routed_experts).to(scores.dtype) * n_routed_experts / (k * tokens)  # [E]
     P = scores.mean(dim=0)  # [E]
     f_device = f.view(n_group, -1).mean(dim=-1)  # [n_group]
@@ -193,12 +238,14 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed
 
     The paper defines it for one sequence; for a batch we average over the sequences (as DeepSeek-V2's released
     `seq_aux` code does). Rows are tokens in [batch, seq] order (row = b * seq_len + t), as DeepSeekMoE
-    flattens them. scores: [batch * seq, E], topk_idx: [batch * seq, k] -> a scalar.
+    flattens them. scores: [batch * seq, E], topk_idx: [batch * seq, k] -> a scalar; 0 tokens give 0.
     """
     _check_routing(scores, topk_idx, n_routed_experts)
     if scores.shape[0] != batch_size * seq_len:
         raise ValueError(f"scores: expected batch_size * seq_len = {batch_size} * {seq_len} rows, "
                          f"got shape {tuple(scores.shape)}")
+    if scores.shape[0] == 0:
+        return _no_tokens(scores)
     k = topk_idx.shape[1]
     one_hot = F.one_hot(topk_idx, n_routed_experts).to(scores.dtype)  # [tokens, k, E]
     counts = one_hot.sum(dim=1).view(batch_size, seq_len, n_routed_experts).sum(dim=1)  # [batch, E]
@@ -208,14 +255,25 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed
     return alpha * (f * P).sum(dim=-1).mean()
 
 
+def _no_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """The balance loss of 0 tokens: 0, since no expert is overloaded (f_i = 0), rather than the 0/0 = NaN of the
+    formulas. With expert parallelism a rank can be handed no tokens; it then adds nothing to the loss."""
+    return scores.new_zeros(())
+
+
 @torch.no_grad()
 def update_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
     """DeepSeek-V3's auxiliary-loss-free balancing (sec. 2.1.2): after a step, b_i -= gamma for each overloaded
     expert and b_i += gamma for each underloaded one (load above / below the mean), in place.
 
-    bias: [E] (the router's `e_score_correction_bias`), load: [E] (`expert_load` of the step) -> bias.
+    bias: [E] float32 or float64 (the router's `e_score_correction_bias`, float32 in any model, see
+    `Router._apply`), load: [E] (`expert_load` of the step) -> bias. A narrower bias raises a TypeError:
+    a bfloat16 bias near 0.5 steps by 1/256, so a gamma of 1e-3 would round away or one-sidedly.
     """
     check_tensor("bias", bias, ndim=1, dtype_floating=True)
+    if bias.dtype.itemsize < 4:
+        raise TypeError(f"bias: expected a float32 or float64 tensor (steps of gamma={gamma} are lost in "
+                        f"narrower dtypes), got dtype {bias.dtype}")
     check_shape("load", load, tuple(bias.shape))
     load = load.to(bias.dtype)
     bias += gamma * torch.sign(load.mean() - load)
@@ -295,7 +353,10 @@ class DeepSeekMoE(nn.Module):
         self.last_routing: Routing | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states: [batch, seq, hidden] -> [batch, seq, hidden]."""
+        """hidden_states: [batch, seq, hidden] -> [batch, seq, hidden] (0 tokens give an empty output).
+
+        The router works in float32 whatever the activations' dtype (see `Router`); the experts in theirs.
+        """
         check_tensor("hidden_states", hidden_states, ndim=3, dtype_floating=True)
         check_last_dim("hidden_states", hidden_states, self.hidden_size)
         check_same_dtype_device("hidden_states", hidden_states, self.experts[0].gate_proj.weight)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (RoPE, Su et al. 2021) with the YaRN context extension DeepSeek-V2/V3 use.
+"""Rotary position embeddings (RoPE, Su et al. 2021) with the YaRN context extension DeepSeek-V2/V3 use
+(and Llama 3.1's, for the dense baselines).
 
 RoPE rotates each pair of coordinates of a query or key by an angle `position * inv_freq[i]`, so that the dot
 product of a query at position m and a key at position n depends only on m - n. Two layouts of the pairs exist:
@@ -15,6 +16,10 @@ that correction in two places, both reproduced here:
   * cos and sin are multiplied by `yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)`
     (1.0 in every released DeepSeek config, where mscale == mscale_all_dim);
   * the softmax scale is multiplied by `yarn_get_mscale(factor, mscale_all_dim) ** 2` (see `softmax_scale`).
+
+Llama 3.1's extension (`rope_type: llama3`, `llama3_inv_freq`) is a simpler ramp: it divides by `factor` the
+frequencies whose wavelength exceeds `original_max_position_embeddings / low_freq_factor`, keeps those shorter
+than `original_max_position_embeddings / high_freq_factor`, and interpolates between them; no temperature.
 """
 
 import math
@@ -39,12 +44,15 @@ def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: i
 
 
 def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """Inverse frequencies of the dim/2 rotated pairs, float64: [dim // 2]."""
+    """Inverse frequencies of the dim/2 rotated pairs, float64: [dim // 2]; YaRN or Llama 3.1 scaled when
+    `scaling` says so."""
     if dim <= 0 or dim % 2:
         raise ValueError(f"rope dim: expected a positive even number, got {dim}")
     freq_extra = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # plain RoPE
     if scaling is None:
         return freq_extra
+    if scaling.type == "llama3":
+        return llama3_inv_freq(freq_extra, scaling)
     freq_inter = freq_extra / scaling.factor  # positions squeezed by `factor`
     orig = scaling.original_max_position_embeddings
     low = max(math.floor(_yarn_correction_dim(scaling.beta_fast, dim, base, orig)), 0)
@@ -56,9 +64,26 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None) -> 
     return freq_inter * (1 - extrapolate) + freq_extra * extrapolate
 
 
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling (Meta's `apply_scaling` in llama-models; transformers'
+    `_compute_llama3_parameters`): inv_freq [dim // 2] -> [dim // 2], same dtype.
+
+    With wavelength w = 2 pi / inv_freq and L = original_max_position_embeddings:
+      w < L / high_freq_factor (fast pairs): kept;   w > L / low_freq_factor (slow pairs): inv_freq / factor;
+      in between: (1 - s) inv_freq / factor + s inv_freq,  s = (L / w - low_freq_factor) / (high - low).
+    """
+    L = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (L / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    between = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    slow = wavelength > L / scaling.low_freq_factor
+    fast = wavelength < L / scaling.high_freq_factor
+    return torch.where(slow, inv_freq / scaling.factor, torch.where(fast, inv_freq, between))
+
+
 def rope_attention_factor(scaling: RopeScaling | None) -> float:
-    """The factor DeepSeek multiplies cos and sin by."""
-    if scaling is None:
+    """The factor DeepSeek multiplies cos and sin by (YaRN only; 1 for no scaling and for Llama 3.1's)."""
+    if scaling is None or scaling.type != "yarn":
         return 1.0
     return yarn_get_mscale(scaling.factor, scaling.mscale) / yarn_get_mscale(scaling.factor, scaling.mscale_all_dim)
 
@@ -66,7 +91,7 @@ def rope_attention_factor(scaling: RopeScaling | None) -> float:
 def softmax_scale(qk_head_dim: int, scaling: RopeScaling | None = None) -> float:
     """1/sqrt(d), times YaRN's mscale squared when `mscale_all_dim` is set (DeepSeek-V2/V3 attention)."""
     scale = qk_head_dim ** -0.5
-    if scaling is not None and scaling.mscale_all_dim:
+    if scaling is not None and scaling.type == "yarn" and scaling.mscale_all_dim:
         scale *= yarn_get_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
     return scale
 

@@ -10,7 +10,11 @@ What is DeepSeek-specific is how it keeps the routed experts evenly loaded; both
   DeepSeek's released MoEGate chooses between the two with the same `seq_aux` flag;
 * V3's auxiliary-loss-free balancing (`bias_update_gamma`, V3 section 2.1.2): after each step every router's
   `e_score_correction_bias` moves by gamma: up for experts that got fewer tokens than average, down for those
-  that got more. The bias changes which experts are chosen, never the weights they are mixed with.
+  that got more. The bias changes which experts are chosen, never the weights they are mixed with. The
+  bias is float32 in any model (`refimpl.moe.Router`), so steps of gamma = 1e-3 survive a bfloat16 model.
+
+Any model that maps input_ids [batch, seq] to logits [batch, seq, vocab] and has a `config` trains here: a
+dense one (`refimpl.dense.DenseForCausalLM`) too, without balancing, since it has no `DeepSeekMoE` layer.
 
 `TrainLog` keeps each step's losses, the expert load of every MoE layer, and the wall time, for the plots.
 """
@@ -110,6 +114,8 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
     eval_batches: a list of (inputs, targets), evaluated before training, every `eval_every` steps and at the end.
     aux_loss_alpha: weight of the balance loss; None takes the config's `aux_loss_alpha`; 0 turns it off.
     bias_update_gamma: V3's bias update speed; 0 turns it off; > 0 needs routers with `e_score_correction_bias`.
+    progress: show a progress bar with the latest loss (tqdm; in a notebook, a widget).
+    The model needs no MoE layer: a dense model trains the same way, with no balancing and no expert load.
     """
     check_int("steps", steps, 1)
     check_int("eval_every", eval_every, 1)
@@ -121,7 +127,7 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
         raise ValueError(f"aux_loss_alpha: expected >= 0 or None, got {aux_loss_alpha!r}")
     if bias_update_gamma < 0:
         raise ValueError(f"bias_update_gamma: expected >= 0, got {bias_update_gamma!r}")
-    moe_layers = model.moe_layers()
+    moe_layers = moe_layers_of(model)
     if bias_update_gamma > 0:
         _check_has_bias(moe_layers)
     if eval_batches is not None:
@@ -150,10 +156,10 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
         (loss + aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
         optimizer.step()
-        loads = [moe.expert_load(layer.last_routing.topk_idx, model.config.n_routed_experts) for layer in moe_layers]
+        loads = [moe.expert_load(layer.last_routing.topk_idx, layer.n_routed_experts) for layer in moe_layers]
         if bias_update_gamma > 0:
             for layer, load in zip(moe_layers, loads):
-                moe.update_bias(layer.gate.e_score_correction_bias, load, bias_update_gamma)
+                moe.update_bias(layer.gate.e_score_correction_bias, load, bias_update_gamma)  # float32 bias
 
         log.step.append(step)
         log.train_loss.append(loss.item())
@@ -164,8 +170,16 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
         if eval_batches is not None and (step % eval_every == 0 or step == steps):
             log.eval_step.append(step)
             log.eval_loss.append(evaluate(model, eval_batches))
-        bar.set_postfix(loss=f"{log.train_loss[-1]:.3f}", refresh=False)
+        postfix = {"loss": f"{log.train_loss[-1]:.3f}"}
+        if log.eval_loss:
+            postfix["eval"] = f"{log.eval_loss[-1]:.3f}"
+        bar.set_postfix(postfix, refresh=False)
     return log
+
+
+def moe_layers_of(model: torch.nn.Module) -> list[moe.DeepSeekMoE]:
+    """The model's `DeepSeekMoE` layers, in order; [] for a dense model."""
+    return [module for module in model.modules() if isinstance(module, moe.DeepSeekMoE)]
 
 
 def _balance_loss(config: ModelConfig, moe_layers, alpha: float, batch_size: int, seq_len: int) -> torch.Tensor:
@@ -209,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gamma", type=float, default=0.0, help="bias update speed (0: no balancing)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    _, log = lesson_run(args.steps, args.gamma, progress=False)
+    print(f"training tiny_config on the generated domain corpus for {args.steps} steps")
+    _, log = lesson_run(args.steps, args.gamma, progress=True)
     load = torch.stack(log.expert_load[-20:])  # [steps, n_moe_layers, n_routed_experts]
     print(f"eval loss: {log.eval_loss[0]:.3f} at step 0 -> {log.eval_loss[-1]:.3f} at step {log.eval_step[-1]}")
     print(f"wall time: {time.perf_counter() - start:.1f} s on {torch.get_num_threads()} threads")

@@ -245,6 +245,19 @@ def test_kv_cache_grows_linearly_with_context():
     assert acc.kv_cache_bytes(cfg("Llama-2-7B"), 4096) == 2 * 1024 ** 3
 
 
+def test_sliding_window_cache_stops_growing_at_the_window():
+    """Mistral-7B-v0.1 attends to the last 4096 tokens (config.json sliding_window): its rolling cache holds
+    at most 4096 tokens per sequence, 131,072 bytes each in BF16 (2 * 8 KV heads * 128 * 32 layers * 2)."""
+    mistral = cfg("Mistral-7B")
+    assert mistral.sliding_window == 4096
+    per_token = 2 * 8 * 128 * 32 * 2
+    assert acc.kv_cache_bytes(mistral, 1000) == 1000 * per_token  # inside the window: linear
+    assert acc.kv_cache_bytes(mistral, 4096) == acc.kv_cache_bytes(mistral, 32768) == 4096 * per_token
+    assert acc.kv_cache_bytes(mistral, 32768, batch_size=3) == 3 * 4096 * per_token
+    assert acc.cached_tokens(mistral, 10_000) == 4096 and acc.cached_tokens(cfg("Llama-2-7B"), 10_000) == 10_000
+    assert acc.kv_cache_bytes(mistral.replace(sliding_window=None), 32768) == 32768 * per_token
+
+
 # ---------------------------------------------------------------------------------------------------- money
 def test_v3_training_cost_table_1():
     # V3 report, Table 1: 2664K + 119K + 5K = 2788K H800 GPU-hours; $5.328M + $0.238M + $0.01M = $5.576M

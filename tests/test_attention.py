@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refimpl.attention import Attention, KVCache, repeat_kv, scaled_dot_product_attention
+from refimpl.attention import (Attention, KVCache, causal_mask, check_attention_mask, decoder_mask, position_ids,
+                               repeat_kv, scaled_dot_product_attention)
 from refimpl.config import ModelConfig, load_known
 from refimpl.rope import apply_rope
 
@@ -163,6 +164,77 @@ def test_yarn_scaling_changes_the_softmax_scale():
                     "mscale_all_dim": 1.0}
     attn = Attention(small_config(rope_scaling=rope_scaling))
     assert attn.softmax_scale == pytest.approx(8 ** -0.5 * (0.1 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)
+
+
+# ---------------------------------------------------------------------------- masks: padding, sliding window
+def test_causal_mask_with_a_sliding_window():
+    # Mistral: a query sees the last `sliding_window` keys, itself included; queries are the last q_len keys
+    expected = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(causal_mask(3, 5, sliding_window=3), expected)
+    assert torch.equal(causal_mask(3, 5, sliding_window=100), causal_mask(3, 5))
+    with pytest.raises(ValueError, match="sliding_window: expected an int >= 1, got 0"):
+        causal_mask(3, 5, sliding_window=0)
+
+
+def test_position_ids_count_tokens_only():
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    assert torch.equal(position_ids(mask, 0, 4), torch.tensor([[0, 1, 2, 3], [0, 0, 0, 1]]))
+    assert torch.equal(position_ids(mask, 3, 1), torch.tensor([[3], [1]]))  # one new token after 3 cached
+    assert torch.equal(position_ids(None, 3, 2), torch.tensor([3, 4]))
+    assert torch.equal(position_ids(torch.ones(1, 2), 3, 2), torch.tensor([[3, 4]]))  # no cache: from start_pos
+
+
+def test_decoder_mask_hides_padding_and_a_pad_sees_itself():
+    mask = decoder_mask(torch.tensor([[0, 1, 1]]), 3, 3)
+    expected = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    assert mask.shape == (1, 1, 3, 3) and torch.equal(mask[0, 0], expected)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_left_padded_row_equals_its_tokens_alone(kv_heads):
+    attn = make_attention(small_config(kv_heads=kv_heads))
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    out = attn(x, attention_mask=mask)
+    torch.testing.assert_close(out[1, 3:], attn(x[1:, 3:])[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out[0], attn(x[:1])[0], atol=1e-12, rtol=1e-12)
+    assert out.isfinite().all()
+    cache = attn.new_cache(2, 6)  # decoding: the mask covers the cached tokens too
+    steps = [attn(x[:, :4], 0, cache, mask[:, :4])] + [attn(x[:, t:t + 1], t, cache, mask[:, :t + 1])
+                                                       for t in (4, 5)]
+    torch.testing.assert_close(torch.cat(steps, dim=1)[:, 3:], out[:, 3:], atol=1e-12, rtol=1e-12)
+
+
+def test_sliding_window_attention_equals_attention_over_the_window():
+    attn = make_attention(small_config())
+    windowed = make_attention(small_config(sliding_window=3))
+    windowed.load_state_dict(attn.state_dict())
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    out = windowed(x)
+    # the last query sees tokens 3, 4, 5 only: RoPE depends on relative positions, so those 3 alone give it
+    torch.testing.assert_close(out[0, -1], attn(x[:, 3:], start_pos=3)[0, -1], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out[:, :3], attn(x[:, :3]), atol=1e-12, rtol=1e-12)
+    assert (out[0, -1] - attn(x)[0, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mask, error, match", [
+    (torch.ones(2, 5), TypeError, "attention_mask: expected a bool or integer tensor"),
+    (torch.ones(2, 4, dtype=torch.long), ValueError, r"attention_mask: expected shape \(2, 5\)"),
+    (torch.full((2, 5), 2), ValueError, r"attention_mask: expected values 0 \(padding\) and 1 \(token\), got \[2\]"),
+    (torch.tensor([[1, 1, 1, 0, 0], [1] * 5]), ValueError, r"expected left padding .* rows \[0\]"),
+    (torch.tensor([[0] * 5, [1] * 5]), ValueError, r"at least one token .* rows \[0\] are all 0"),
+    ([[1] * 5] * 2, TypeError, "attention_mask: expected a torch.Tensor, got list"),
+])
+def test_bad_attention_mask_raises(mask, error, match):
+    with pytest.raises(error, match=match):
+        check_attention_mask(mask, 2, 5)
+    with pytest.raises(error, match=match):
+        make_attention(small_config())(torch.zeros(2, 5, 16, dtype=torch.float64), attention_mask=mask)
+
+
+def test_zero_tokens_give_zero_outputs():
+    attn = make_attention(small_config())
+    assert attn(torch.zeros(2, 0, 16, dtype=torch.float64)).shape == (2, 0, 16)
 
 
 # ---------------------------------------------------------------------------- the KV cache

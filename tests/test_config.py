@@ -146,18 +146,18 @@ def test_from_hf_reads_files_written_by_transformers(tmp_path):
      r"num_attention_heads \(32\) must be divisible by num_key_value_heads \(3\)"),
     ("DeepSeek-V3", dict(q_lora_rank=8000), ValueError, r"q_lora_rank \(8000\) must not be larger than hidden_size"),
     ("DeepSeek-V3", dict(kv_lora_rank=7169), ValueError, r"kv_lora_rank \(7169\) must not be larger than hidden"),
-    ("DeepSeek-V3", dict(hidden_size=0), ValueError, r"hidden_size: expected a positive number, got 0"),
-    ("DeepSeek-V3", dict(num_hidden_layers=-1), ValueError, r"num_hidden_layers: expected a positive number, got -1"),
-    ("DeepSeek-V3", dict(vocab_size=0), ValueError, r"vocab_size: expected a positive number"),
-    ("DeepSeek-V3", dict(kv_lora_rank=0), ValueError, r"kv_lora_rank: expected a positive number, got 0"),
-    ("DeepSeek-V3", dict(q_lora_rank=-5), ValueError, r"q_lora_rank: expected a positive number, got -5"),
-    ("DeepSeek-V3", dict(n_routed_experts=0), ValueError, r"n_routed_experts: expected a positive number"),
-    ("DeepSeek-V3", dict(moe_intermediate_size=-1), ValueError, r"moe_intermediate_size: expected a positive"),
+    ("DeepSeek-V3", dict(hidden_size=0), ValueError, r"hidden_size: expected an int >= 1, got 0"),
+    ("DeepSeek-V3", dict(num_hidden_layers=-1), ValueError, r"num_hidden_layers: expected an int >= 1, got -1"),
+    ("DeepSeek-V3", dict(vocab_size=0), ValueError, r"vocab_size: expected an int >= 1"),
+    ("DeepSeek-V3", dict(kv_lora_rank=0), ValueError, r"kv_lora_rank: expected an int >= 1, got 0"),
+    ("DeepSeek-V3", dict(q_lora_rank=-5), ValueError, r"q_lora_rank: expected an int >= 1, got -5"),
+    ("DeepSeek-V3", dict(n_routed_experts=0), ValueError, r"n_routed_experts: expected an int >= 1"),
+    ("DeepSeek-V3", dict(moe_intermediate_size=-1), ValueError, r"moe_intermediate_size: expected an int >= 1"),
     ("DeepSeek-V3", dict(qk_rope_head_dim=None), ValueError,
      r"qk_rope_head_dim: expected a positive int when kv_lora_rank is set"),
     ("DeepSeek-V3", dict(qk_rope_head_dim=63), ValueError, r"qk_rope_head_dim must be even"),
-    ("DeepSeek-V3", dict(hidden_size="7168"), TypeError, r"hidden_size: expected a number, got '7168'"),
-    ("Llama-3-8B", dict(head_dim=0), ValueError, r"head_dim: expected a positive number, got 0"),
+    ("DeepSeek-V3", dict(hidden_size="7168"), TypeError, r"hidden_size: expected an int >= 1, got '7168' \(str\)"),
+    ("Llama-3-8B", dict(head_dim=0), ValueError, r"head_dim: expected an int >= 1, got 0"),
     ("Llama-3-8B", dict(head_dim=127), ValueError, r"head_dim must be even"),
     ("Llama-3-8B", dict(rms_norm_eps=0.0), ValueError, r"rms_norm_eps: expected a positive number"),
     ("DeepSeek-V3", dict(num_experts_per_tok=257), ValueError,
@@ -168,7 +168,7 @@ def test_from_hf_reads_files_written_by_transformers(tmp_path):
      r"num_experts_per_tok \(40\) exceeds the 32 experts in topk_group \(1\) groups of 32"),
     ("DeepSeek-V3", dict(scoring_func="relu"), ValueError, r"scoring_func: expected one of .*got 'relu'"),
     ("DeepSeek-V3", dict(topk_method="random"), ValueError, r"topk_method: expected one of .*got 'random'"),
-    ("DeepSeek-V3", dict(n_shared_experts=-1), ValueError, r"n_shared_experts must be >= 0, got -1"),
+    ("DeepSeek-V3", dict(n_shared_experts=-1), ValueError, r"n_shared_experts: expected an int >= 0, got -1"),
     ("DeepSeek-V3", dict(hidden_act="gelu"), ValueError, r"hidden_act: expected 'silu'"),
 ])
 def test_inconsistent_config_raises(name, changes, error, match):
@@ -177,7 +177,7 @@ def test_inconsistent_config_raises(name, changes, error, match):
 
 
 def test_from_hf_bad_input_raises(tmp_path):
-    with pytest.raises(ValueError, match=r"rope_scaling.type: expected one of \('yarn',\), got 'linear'"):
+    with pytest.raises(ValueError, match=r"rope_scaling.type: expected one of \('yarn', 'llama3'\), got 'linear'"):
         ModelConfig.from_hf(tiny_moe_dict(rope_scaling={"type": "linear", "factor": 2.0,
                                                         "original_max_position_embeddings": 4096}))
     with pytest.raises(ValueError, match=r"rope_scaling.type: expected one of .*got 'dynamic'"):
@@ -194,3 +194,74 @@ def test_from_hf_bad_input_raises(tmp_path):
     with pytest.raises(ValueError, match=r"load_known: expected one of \[.*'DeepSeek-V3'.*\], got 'GPT-5'"):
         load_known("GPT-5")
 
+
+
+# ---------------------------------------------------------------------------- integers, misspellings, llama3, window
+@pytest.mark.parametrize("field_name, value", [("hidden_size", 7168.5), ("hidden_size", 7168.0),
+                                               ("num_attention_heads", True), ("n_routed_experts", 256.0),
+                                               ("kv_lora_rank", 512.5), ("first_k_dense_replace", 3.0),
+                                               ("sliding_window", 4096.0)])
+def test_integer_fields_must_be_ints(field_name, value):
+    with pytest.raises(TypeError, match=rf"{field_name}: expected an int >= \d, got {value!r}"):
+        load_known("DeepSeek-V3").replace(**{field_name: value})
+
+
+def test_a_misspelled_key_raises_naming_the_field():
+    """`n_routed_expert` ignored would make the model silently dense."""
+    with pytest.raises(ValueError, match=r"unknown key 'n_routed_expert'; did you mean the field 'n_routed_experts'"):
+        ModelConfig.from_hf({**tiny_moe_dict(), "n_routed_expert": 8})
+    with pytest.raises(ValueError, match=r"unknown key 'num_expert_per_tok'.*'num_experts_per_tok'"):
+        ModelConfig.from_hf({**tiny_moe_dict(), "num_expert_per_tok": 2})
+
+
+HARMLESS_KEYS = dict(architectures=["DeepseekV3ForCausalLM"], torch_dtype="bfloat16", dtype="bfloat16",
+                     transformers_version="4.46.3", bos_token_id=0, eos_token_id=1, pad_token_id=None,
+                     use_cache=True, initializer_range=0.02, attention_dropout=0.0, ep_size=1,
+                     auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config"}, pretraining_tp=1,
+                     quantization_config={"quant_method": "fp8"}, qk_head_dim=12, mlp_bias=False,
+                     model_type="deepseek_v3")
+
+
+def test_harmless_unknown_keys_are_accepted_silently(recwarn):
+    config = ModelConfig.from_hf({**tiny_moe_dict(), **HARMLESS_KEYS})
+    assert config == ModelConfig.from_hf(dict(tiny_moe_dict(), model_type="deepseek_v3"))
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize("kind", ["DeepseekV3Config", "DeepseekV2Config", "LlamaConfig", "MistralConfig",
+                                  "Qwen2Config"])
+def test_every_key_transformers_writes_is_accepted(kind, recwarn):
+    transformers = pytest.importorskip("transformers")
+    hf = getattr(transformers, kind)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=4)
+    if kind.startswith("Deepseek"):
+        hf = getattr(transformers, kind)(**{**hf.to_dict(), **tiny_moe_dict()})
+    config = ModelConfig.from_hf(hf.to_dict())  # to_dict: every attribute, more than config.json holds
+    assert config.hidden_size == 32 and not [w for w in recwarn.list if "refimpl" in str(w.filename)]
+
+
+def test_from_hf_reads_llama_31_rope_scaling():
+    d = dict(vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=131072, rope_theta=500000.0,
+             rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192, "rope_type": "llama3"})  # Llama-3.1-8B
+    config = ModelConfig.from_hf(d)
+    assert config.rope_scaling == RopeScaling(type="llama3", factor=8.0, original_max_position_embeddings=8192,
+                                              low_freq_factor=1.0, high_freq_factor=4.0)
+    assert ModelConfig.from_hf(config.to_dict()) == config
+    new_style = dict(d, rope_parameters={**d.pop("rope_scaling"), "rope_theta": 500000.0})
+    assert ModelConfig.from_hf(new_style).rope_scaling == config.rope_scaling
+    with pytest.raises(ValueError, match=r"rope_scaling.type: expected one of .*got 'longrope'"):
+        ModelConfig.from_hf(dict(d, rope_scaling={"rope_type": "longrope", "factor": 8.0,
+                                                  "original_max_position_embeddings": 8192}))
+
+
+def test_sliding_window_is_read():
+    assert load_known("Mistral-7B").sliding_window == 4096  # Mistral-7B-v0.1 config.json
+    assert load_known("Llama-3-8B").sliding_window is None
+    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    assert ModelConfig.from_hf(dict(base, sliding_window=16)).sliding_window == 16
+    # Qwen2 files carry a sliding_window that applies only when use_sliding_window is true
+    assert ModelConfig.from_hf(dict(base, sliding_window=16, use_sliding_window=False)).sliding_window is None
+    with pytest.raises(ValueError, match=r"sliding_window: expected an int >= 1, got 0"):
+        ModelConfig(**base, sliding_window=0)

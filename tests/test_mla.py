@@ -91,6 +91,50 @@ def test_chunked_prefill_into_the_cache_equals_full_forward():
         torch.testing.assert_close(torch.cat(chunks, dim=1), attn(x), rtol=0, atol=1e-12)
 
 
+# ---------------------------------------------------------------------- padding (attention_mask) and 0 tokens
+LEFT_PAD_MASK = torch.tensor([[1] * 9, [0] * 4 + [1] * 5])  # row 1: 4 pads, then 5 tokens
+
+
+@pytest.mark.parametrize("q_lora_rank, rope_scaling, rope_interleave", VARIANTS, ids=VARIANT_IDS)
+def test_masked_naive_equals_absorbed_and_a_padded_row_equals_its_tokens_alone(q_lora_rank, rope_scaling,
+                                                                                rope_interleave):
+    config = _config(q_lora_rank, rope_scaling, rope_interleave)
+    attn = _module(config)
+    x = _x(config, seq=9)
+    with torch.no_grad():
+        naive = attn(x, mode="naive", attention_mask=LEFT_PAD_MASK)
+        absorbed = attn(x, mode="absorbed", attention_mask=LEFT_PAD_MASK)
+        torch.testing.assert_close(absorbed[:, 4:], naive[:, 4:], rtol=0, atol=1e-10)
+        alone = attn(x[1:, 4:], mode="naive")  # the 5 tokens without their pads, at positions 0..4
+        torch.testing.assert_close(naive[1, 4:], alone[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(naive[0], attn(x[:1])[0], rtol=0, atol=1e-12)  # an all-ones row: no change
+        assert naive.isfinite().all() and absorbed.isfinite().all()  # pad queries too: no NaN to spread
+        # not vacuous: without the mask the padded row sees its pads and sits at other positions
+        assert (attn(x)[1, 4:] - alone[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+def test_masked_cached_decoding_equals_the_masked_full_forward(mode):
+    config = _config(10, YARN)
+    attn = _module(config)
+    x = _x(config, seq=9)
+    with torch.no_grad():
+        full = attn(x, mode=mode, attention_mask=LEFT_PAD_MASK)
+        cache = attn.new_cache(2, 9)
+        steps = [attn(x[:, :6], 0, cache, mode, LEFT_PAD_MASK[:, :6])]  # the mask covers cached tokens too
+        steps += [attn(x[:, t:t + 1], t, cache, mode, LEFT_PAD_MASK[:, :t + 1]) for t in range(6, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1)[:, 4:], full[:, 4:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+def test_zero_tokens_give_zero_outputs(mode):
+    config = _config()
+    attn = _module(config)
+    x = _x(config, seq=0)
+    assert attn(x, mode=mode).shape == (2, 0, config.hidden_size)
+    assert attn(x, 0, attn.new_cache(2, 4), mode).shape == (2, 0, config.hidden_size)
+
+
 # ---------------------------------------------------------------------- what the cache holds
 def test_cache_holds_the_normalized_latent_and_the_rotated_rope_key():
     config = _config()

@@ -86,3 +86,26 @@ def test_non_mla_config_raises():
                         num_attention_heads=2)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         DeepSeekForCausalLM(dense)
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+def test_empty_input_gives_empty_logits(model, mode):
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    assert model(empty, mode=mode).shape == (2, 0, 50)
+    assert model(empty, 0, model.new_caches(2, 4), mode).shape == (2, 0, 50)
+    with pytest.raises(ValueError, match=r"input_ids: expected a prompt of at least one token per row, got shape \(2, 0\)"):
+        model.generate(empty, 3)
+
+
+@pytest.mark.parametrize("mode", ["naive", "absorbed"])
+def test_padded_batch_generates_each_prompt_as_alone(model, mode):
+    long, short = torch.tensor([[3, 14, 15, 9, 26, 5]]), torch.tensor([[35, 8, 9]])
+    ids = torch.cat((long, torch.cat((torch.zeros(1, 3, dtype=torch.long), short), dim=1)))
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        logits = model(ids, mode=mode, attention_mask=mask)
+        torch.testing.assert_close(logits[1, 3:], model(short, mode=mode)[0], atol=1e-10, rtol=1e-10)
+    out = model.generate(ids, 7, attention_mask=mask, mode=mode)
+    assert torch.equal(out[0], model.generate(long, 7, mode=mode)[0])
+    assert torch.equal(out[1, 3:], model.generate(short, 7, mode=mode)[0])
+    assert not torch.equal(model.generate(ids, 7, mode=mode)[1], out[1])  # without the mask: another continuation

@@ -399,3 +399,131 @@ def test_balance_and_dispatch_bad_input():
         run_experts(torch.nn.ModuleList(MLP(3, 2) for _ in range(2)), torch.randn(8, 3), torch.tensor([8]))
     with pytest.raises(ValueError, match="sort_order.*\\(8,\\)"):
         combine(torch.randn(8, 3), torch.arange(8), torch.arange(6), torch.ones(4, 2), 4)
+
+
+# ------------------------------------------------------------------------------------------------ routing precision
+def _v3_router_config(**overrides) -> ModelConfig:
+    return _config(**{**dict(n_routed_experts=2, num_experts_per_tok=1, scoring_func="sigmoid",
+                             topk_method="noaux_tc", norm_topk_prob=True), **overrides})
+
+
+@pytest.mark.parametrize("cast", ["to(bfloat16)", "bfloat16()", "half()", "to(float8)"])
+def test_router_stays_float32_under_dtype_casts(cast):
+    """Released V3 biases sit near 5, where bfloat16 steps by 1/32: 5.0 and 5.01 would merge into 5.0 and the
+    tie would go to expert 0. With equal scores (gate weight 0) the bias alone must pick expert 1."""
+    router = Router(_v3_router_config())
+    with torch.no_grad():
+        router.weight.zero_()
+        router.e_score_correction_bias.copy_(torch.tensor([5.0, 5.01]))
+    cast_it = {"to(bfloat16)": lambda m: m.to(torch.bfloat16), "bfloat16()": lambda m: m.bfloat16(),
+               "half()": lambda m: m.half(), "to(float8)": lambda m: m.to(torch.float8_e4m3fn)}[cast]
+    router = cast_it(router)
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
+    assert router.e_score_correction_bias[1].item() == torch.tensor(5.01).item()  # not rounded on the way
+    routing = router(torch.randn(3, 16).to(torch.bfloat16))
+    assert routing.topk_idx.flatten().tolist() == [1, 1, 1]
+    assert routing.topk_weight.dtype == torch.float32
+
+
+def test_router_loads_a_float32_checkpoint_into_a_bfloat16_model_exactly():
+    state = {"weight": torch.zeros(2, 16), "e_score_correction_bias": torch.tensor([5.0, 5.01])}
+    router = Router(_v3_router_config()).to(torch.bfloat16)
+    router.load_state_dict(state)
+    assert torch.equal(router.e_score_correction_bias, state["e_score_correction_bias"])
+    assert router(torch.randn(2, 16, dtype=torch.bfloat16)).topk_idx.flatten().tolist() == [1, 1]
+    assigned = Router(_v3_router_config())
+    assigned.load_state_dict({k: v.bfloat16() for k, v in state.items()}, assign=True)  # a bfloat16 file
+    assert assigned.weight.dtype == assigned.e_score_correction_bias.dtype == torch.float32
+
+
+def test_router_is_float32_under_a_bfloat16_default_dtype_and_meta_init():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        router = Router(_v3_router_config())
+        with torch.device("meta"):
+            meta = DeepSeekMoE(_v3_router_config())
+    finally:
+        torch.set_default_dtype(previous)
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
+    meta.to_empty(device="cpu")  # what loading a big checkpoint does: build on meta, allocate, then load
+    assert meta.gate.weight.device.type == "cpu" and meta.gate.weight.dtype == torch.float32
+    assert meta.experts[0].gate_proj.weight.dtype == torch.bfloat16
+    assert meta.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_router_follows_device_moves_and_float64_casts():
+    router = Router(_v3_router_config()).double()
+    assert router.weight.dtype == router.e_score_correction_bias.dtype == torch.float64  # wider is exact
+    router = router.float().to("cpu").to(torch.bfloat16)
+    assert router.weight.dtype == torch.float32 and router.weight.device.type == "cpu"
+
+
+def test_bfloat16_model_routes_like_float32_and_its_bias_update_is_exact():
+    """A tiny DeepSeek model cast to bfloat16: router float32, choices follow a 0.01 bias spread near 5, and
+    one bias step of 1e-3 around 0.5 (bfloat16's step there is 1/256) is applied exactly."""
+    from refimpl.model import DeepSeekForCausalLM
+    from refimpl.train import tiny_config
+
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_config(num_hidden_layers=2)).to(torch.bfloat16)
+    gate = model.moe_layers()[0].gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.e_score_correction_bias.copy_(5.0 + 0.01 * torch.arange(8))  # in bfloat16: 5.0, 5.0, 5.0, 5.03, ...
+    model(torch.randint(0, 257, (2, 5)))
+    routing = model.moe_layers()[0].last_routing
+    assert (routing.topk_idx.sort(-1).values == torch.tensor([6, 7])).all()
+
+    bias = gate.e_score_correction_bias
+    with torch.no_grad():
+        bias.fill_(0.5)
+    update_bias(bias, torch.tensor([10.0, 0, 0, 0, 0, 0, 0, 6]), gamma=1e-3)  # mean load 2
+    expected = torch.tensor([0.499] + [0.501] * 6 + [0.499])
+    torch.testing.assert_close(bias, expected, rtol=0, atol=1e-7)
+
+
+def test_update_bias_refuses_a_bfloat16_bias():
+    with pytest.raises(TypeError, match="bias: expected a float32 or float64 tensor .* got dtype torch.bfloat16"):
+        update_bias(torch.full((4,), 0.5, dtype=torch.bfloat16), torch.tensor([3.0, 1, 0, 0]), gamma=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ top-1, no tokens
+def test_top1_softmax_weight_is_not_normalized_to_one():
+    """DeepSeek's released gate normalizes only when top_k > 1: with k = 1 the gate is the expert's score
+    times routed_scaling_factor, not a constant routed_scaling_factor."""
+    cfg = _config(hidden_size=4, n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0,
+                  scoring_func="softmax", topk_method="greedy", norm_topk_prob=True, routed_scaling_factor=2.0)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))  # logits = x
+    routing = router(torch.tensor([[1.0, 0.2, -0.5, 0.3]]))
+    assert routing.topk_idx.tolist() == [[0]]
+    assert routing.topk_weight.item() == pytest.approx(0.922065, abs=1e-6)  # 2 * softmax([1, .2, -.5, .3])[0]
+
+
+def test_top1_sigmoid_weight_is_the_scaled_score():
+    cfg = _v3_router_config(hidden_size=4, n_routed_experts=4, routed_scaling_factor=2.5)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    routing = router(torch.tensor([[1.0, 0.2, -0.5, 0.3]]))
+    assert routing.topk_weight.item() == pytest.approx(2.5 * torch.tensor(1.0).sigmoid().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("case", sorted(V2_CASES) + sorted(V3_CASES))
+def test_no_tokens_give_an_empty_routing_and_output(case):
+    cfg = _config(**{**V2_CASES, **V3_CASES}[case])
+    moe = DeepSeekMoE(cfg)
+    routing = moe.gate(torch.zeros(0, 16))
+    assert routing.topk_idx.shape == routing.topk_weight.shape == (0, 3) and routing.scores.shape == (0, 8)
+    assert routing.topk_idx.dtype == torch.int64
+    assert moe(torch.zeros(0, 4, 16)).shape == (0, 4, 16) and moe(torch.zeros(2, 0, 16)).shape == (2, 0, 16)
+
+
+def test_balance_losses_of_no_tokens_are_zero():
+    scores, topk_idx = torch.zeros(0, 8), torch.zeros(0, 3, dtype=torch.int64)
+    assert expert_balance_loss(scores, topk_idx, 8, alpha=0.1).item() == 0.0
+    assert device_balance_loss(scores, topk_idx, 8, 4, alpha=0.1).item() == 0.0
+    assert sequence_balance_loss(scores, topk_idx, 8, 0.1, batch_size=0, seq_len=5).item() == 0.0

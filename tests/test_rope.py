@@ -211,7 +211,7 @@ def test_apply_rope_bad_shapes_raise():
 
 
 def test_bad_rope_scaling_raises():
-    with pytest.raises(ValueError, match=r"rope_scaling.type: expected one of \('yarn',\), got 'linear'"):
+    with pytest.raises(ValueError, match=r"rope_scaling.type: expected one of \('yarn', 'llama3'\), got 'linear'"):
         RopeScaling(type="linear", factor=4.0, original_max_position_embeddings=4096)
     with pytest.raises(ValueError, match=r"rope_scaling.type: expected one of.*got 'dynamic'"):
         RopeScaling.from_dict({"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 4096})
@@ -219,9 +219,51 @@ def test_bad_rope_scaling_raises():
         RopeScaling(type="yarn", factor=0.0, original_max_position_embeddings=4096)
     with pytest.raises(ValueError, match=r"rope_scaling: expected beta_fast > beta_slow > 0"):
         RopeScaling(type="yarn", factor=4.0, original_max_position_embeddings=4096, beta_fast=1.0, beta_slow=32.0)
-    with pytest.raises(ValueError, match=r"rope_scaling: unknown fields \['low_freq_factor'\]"):
+    with pytest.raises(ValueError, match=r"rope_scaling: unknown fields \['low_freq_factor'\] for type 'yarn'"):
         RopeScaling.from_dict({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
                                "low_freq_factor": 1.0})
+
+
+LLAMA_31 = RopeScaling(type="llama3", factor=8.0, original_max_position_embeddings=8192, low_freq_factor=1.0,
+                       high_freq_factor=4.0)  # meta-llama/Llama-3.1-8B config.json
+
+
+@pytest.mark.parametrize("scaling", [LLAMA_31, RopeScaling(type="llama3", factor=32.0, original_max_position_embeddings=
+                                                           8192, low_freq_factor=1.0, high_freq_factor=4.0)])
+def test_llama3_inv_freq_matches_transformers(scaling):
+    """Llama 3.1's scaling against transformers' `_compute_llama3_parameters` (float32 there)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import _compute_llama3_parameters
+
+    hf_config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, **{k: v for k, v in scaling.to_dict().items() if k != "type"}})
+    expected, attention_factor = _compute_llama3_parameters(hf_config, "cpu")
+    ours = rope_inv_freq(128, 500000.0, scaling)
+    torch.testing.assert_close(ours, expected.double(), rtol=1e-6, atol=0)
+    assert attention_factor == rope_attention_factor(scaling) == 1.0
+    assert softmax_scale(128, scaling) == 128 ** -0.5
+
+
+def test_llama3_keeps_fast_pairs_and_divides_slow_pairs_by_factor():
+    plain, scaled = rope_inv_freq(128, 500000.0), rope_inv_freq(128, 500000.0, LLAMA_31)
+    wavelength = 2 * math.pi / plain
+    fast, slow = wavelength < 8192 / 4, wavelength > 8192 / 1
+    assert fast.any() and slow.any() and not (fast | slow).all()  # some pairs in between
+    torch.testing.assert_close(scaled[fast], plain[fast], rtol=0, atol=0)
+    torch.testing.assert_close(scaled[slow], plain[slow] / 8, rtol=1e-15, atol=0)
+    between = ~(fast | slow)
+    assert ((scaled[between] < plain[between]) & (scaled[between] > plain[between] / 8)).all()
+
+
+def test_bad_llama3_scaling_raises():
+    with pytest.raises(ValueError, match=r"expected high_freq_factor > low_freq_factor > 0, got high_freq_factor=1"):
+        RopeScaling(type="llama3", factor=8.0, original_max_position_embeddings=8192, low_freq_factor=1.0,
+                    high_freq_factor=1.0)
+    with pytest.raises(ValueError, match=r"rope_scaling: unknown fields \['beta_fast'\] for type 'llama3'"):
+        RopeScaling.from_dict({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
+                               "beta_fast": 32})
+    with pytest.raises(TypeError, match=r"original_max_position_embeddings: expected an int >= 1, got 8192.5"):
+        RopeScaling(type="llama3", factor=8.0, original_max_position_embeddings=8192.5)
 
 
 def test_casting_the_module_keeps_the_frequencies_in_float64():
