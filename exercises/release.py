@@ -9,8 +9,8 @@ markers are misplaced).
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import contextlib
+import io
 import tempfile
 import zipfile
 from pathlib import Path
@@ -28,20 +28,21 @@ class ReleaseError(Exception):
 
 
 def solution_lines(source: Path) -> set[str]:
-    """The stripped code lines between `# BEGIN SOLUTION` and `# END SOLUTION` in the source notebook."""
-    lines, inside = set(), False
+    """The stripped code lines between `# BEGIN SOLUTION` and `# END SOLUTION` in the source notebook that appear
+    nowhere else in it (a kernel's signature may be both in the solution and in the statement)."""
+    secret, public, inside = set(), set(), False
     for cell in nbformat.read(source, as_version=4).cells:
-        if cell.cell_type != "code":
-            continue
         for line in cell.source.splitlines():
             text = line.strip()
-            if text.startswith("# BEGIN SOLUTION"):
+            if cell.cell_type == "code" and text.startswith("# BEGIN SOLUTION"):
                 inside = True
-            elif text.startswith("# END SOLUTION"):
+            elif cell.cell_type == "code" and text.startswith("# END SOLUTION"):
                 inside = False
-            elif inside and len(text) >= MIN_LEAK_LENGTH and not text.startswith("#"):
-                lines.add(text)
-    return lines
+            elif inside and cell.cell_type == "code":
+                secret.add(text)
+            else:
+                public.add(text)
+    return {t for t in secret - public if len(t) >= MIN_LEAK_LENGTH and not t.startswith("#")}
 
 
 def _texts(folder: Path):
@@ -80,14 +81,17 @@ def release(names: list[str] | None = None, out_dir: Path = DEFAULT_OUT) -> list
     """Release the named assignments (all by default) into out_dir; raise ReleaseError on any leak."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from otter.assign import main as otter_assign  # slow to import: only here
+
     sources = [assignments.load(n).path for n in (names or assignments.names())]
     written = []
     for source in sources:
         with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run([sys.executable, "-m", "otter", "assign", "--no-run-tests", "--no-pdfs",
-                                   str(source), f"{tmp}/dist"], capture_output=True, text=True)
-            if done.returncode:
-                raise ReleaseError(f"otter assign failed on {source.name}:\n{done.stderr[-3000:]}")
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    otter_assign(str(source), f"{tmp}/dist", no_pdfs=True, no_run_tests=True)
+            except Exception as error:
+                raise ReleaseError(f"otter assign failed on {source.name}: {type(error).__name__}: {error}")
             student = Path(tmp, "dist", "student", source.name)
             target = out_dir / source.name
             target.write_bytes(student.read_bytes())
