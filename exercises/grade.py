@@ -187,7 +187,7 @@ class Sandbox:
 
     def _drain_stderr(self) -> None:
         """Keep the last bytes of the submission's stderr (it may print hundreds of MB)."""
-        for line in iter(lambda: self.process.stderr.read(4096), b""):
+        for line in iter(lambda: self.process.stderr.read(1 << 16), b""):
             self.stderr_tail.append(line)
 
     def read(self, timeout: float):

@@ -214,7 +214,7 @@ MLA_FORBIDDEN = tuple(f"refimpl.mla.MultiHeadLatentAttention.{m}"
 # ---------------------------------------------------------------------------------------------------- MoE
 def _moe_config(gen, hidden, **changes) -> ModelConfig:
     n_group = _pick(gen, 1, 2, 4) if hidden else 2
-    experts = n_group * (_pick(gen, 2, 3) if hidden else 4)
+    experts = n_group * (_pick(gen, 3, 4) if hidden else 4)
     fields = dict(vocab_size=32, hidden_size=_pick(gen, 8, 12) if hidden else 8, num_hidden_layers=1,
                   num_attention_heads=2, intermediate_size=16, n_routed_experts=experts,
                   num_experts_per_tok=_pick(gen, 1, 2, 3) if hidden else 2, moe_intermediate_size=6,
