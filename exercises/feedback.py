@@ -18,11 +18,14 @@ def check(name: str, fn) -> None:
     if not callable(fn):
         raise AssertionError(f"{name} should be a function, got {describe(fn)}")
     canon = question.canonical or (lambda x: x)
+    launches = guard.triton_launches() if question.triton else [1]
     for label, args in question.cases(None):
         expected, expected_mutated = question.expected(args)
         given = clone(args)
         inputs = ", ".join(f"{n}={describe(a)}" for n, a in zip(question.arg_names, args))
         where = f"{name}({inputs}), {label} case"
+        if question.triton:
+            launches[0] = 0
         with guard.watching(question.forbidden) as forbidden:
             try:
                 result = fn(*given)
@@ -35,6 +38,8 @@ def check(name: str, fn) -> None:
                 raise AssertionError(f"{where}: raised {type(error).__name__}: {error}") from None
         if forbidden:
             raise AssertionError(f"{where}: {guard.message(forbidden[0])}")
+        if not launches[0]:
+            raise AssertionError(f"{where}: launched no Triton kernel; the exercise is to write one")
         problem = mismatch(canon(result), canon(expected), "the result", question.atol, question.rtol)
         for i, want in zip(question.mutated_args, expected_mutated):
             problem = problem or mismatch(given[i], want, f"{question.arg_names[i]} after the call",

@@ -181,9 +181,14 @@ class Sandbox:
             cwd=self.tmp, start_new_session=True, preexec_fn=preexec)
         self.stderr_tail: deque[bytes] = deque(maxlen=16)
         threading.Thread(target=self._drain_stderr, daemon=True).start()
-        self.out = self.process.stdout.fileno()
-        wire.write(self.process.stdin.fileno(), {"cells": cells, "skip": sorted(skip), "forbidden": forbidden,
-                                                 "triton": triton})
+        self.out, self.into = self.process.stdout.fileno(), self.process.stdin.fileno()
+        os.set_blocking(self.into, False)  # a process that stops reading cannot block the grader
+        try:
+            wire.write(self.into, {"cells": cells, "skip": sorted(skip), "forbidden": forbidden,
+                                   "triton": triton}, deadline=time.monotonic() + limits.startup_timeout)
+        except (OSError, wire.Timeout):
+            self.kill()
+            raise
 
     def _drain_stderr(self) -> None:
         """Keep the last bytes of the submission's stderr (it may print hundreds of MB)."""
@@ -194,9 +199,10 @@ class Sandbox:
         return wire.read(self.out, deadline=time.monotonic() + timeout)
 
     def call(self, name: str, args: tuple, mutated: tuple[int, ...], forbidden: tuple[str, ...], timeout: float):
-        wire.write(self.process.stdin.fileno(), {"name": name, "args": wire.dumps(args), "mutated": mutated,
-                                                 "forbidden": forbidden})
-        return self.read(timeout)
+        deadline = time.monotonic() + timeout
+        wire.write(self.into, {"name": name, "args": wire.dumps(args), "mutated": mutated, "forbidden": forbidden},
+                   deadline=deadline)
+        return wire.read(self.out, deadline=deadline)
 
     def kill(self) -> None:
         """Kill the process group (and with it the PID namespace, where there is one)."""
@@ -239,8 +245,8 @@ def read_cells(path: Path) -> list[str]:
     """The code cells of a notebook; raises ValueError with the reason when it is not a readable notebook."""
     try:
         notebook = nbformat.read(path, as_version=4)
-    except Exception as error:  # not JSON, not a notebook, wrong encoding...
-        raise ValueError(f"not a readable notebook ({type(error).__name__}: {str(error)[:200]})") from None
+    except Exception as error:  # not JSON, not a notebook, wrong encoding... (its text is not echoed)
+        raise ValueError(f"not a readable notebook ({type(error).__name__})") from None
     cells = notebook.get("cells")
     if not isinstance(cells, list):
         raise ValueError("not a readable notebook (no list of cells)")
@@ -256,7 +262,7 @@ def _verdict(case: Case, reply: dict) -> tuple[bool, str]:
     if reply.get("error"):
         return False, f"raised {reply['error']}"
     if q.triton and not reply.get("launches"):
-        return False, f"{q.name} must launch a Triton kernel (kernel[grid](...)); it launched none"
+        return False, "launched no Triton kernel (kernel[grid](...)); the exercise is to write one"
     canon = q.canonical or (lambda x: x)
     problem = mismatch(canon(reply.get("value")), canon(case.expected), "the result", q.atol, q.rtol)
     for i, want in zip(q.mutated_args, case.expected_mutated):
@@ -340,8 +346,12 @@ def grade_one(path: Path, student: str, cases: list[Case], prefix, limits: Limit
 def _start(prefix, limits: Limits, cells, skip, forbidden, triton, report: Report):
     """Start a sandbox and run the cells. (sandbox, None) when loaded; (None, cell index) when a cell hung or
     ended the process, which is then skipped; (None, None) when the process failed to start."""
-    sandbox = Sandbox(prefix, limits, cells, skip, forbidden, triton)
     current, timeout = None, limits.startup_timeout
+    try:
+        sandbox = Sandbox(prefix, limits, cells, skip, forbidden, triton)
+    except (OSError, wire.Timeout) as error:
+        report.notes.append(f"the submission's process did not start ({type(error).__name__}: {error})")
+        return None, None
     try:
         while True:
             message = sandbox.read(timeout)
@@ -396,7 +406,8 @@ def _reason(report: Report) -> str:
     return " | ".join(parts)
 
 
-def write_outputs(out_dir: Path, reports: list[Report], isolation: str, seed: int) -> None:
+def write_outputs(out_dir: Path, reports: list[Report], isolation: str) -> None:
+    """The CSVs and each student's results.json (which students may see: it names no seed and no input)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -414,7 +425,7 @@ def write_outputs(out_dir: Path, reports: list[Report], isolation: str, seed: in
     for r in reports:
         folder = out_dir / r.student
         folder.mkdir(exist_ok=True)
-        output = "\n".join([isolation, f"hidden cases drawn from seed {seed}"] + r.notes
+        output = "\n".join([isolation] + r.notes
                            + ([f"flagged for review: {'; '.join(r.tampering)}"] if r.tampering else []))
         results = {"tests": [{"name": t.name, "score": t.score, "max_score": t.max_score, "output": t.output,
                               "visibility": t.visibility} for t in r.tests],
@@ -436,17 +447,22 @@ def grade(assignment_name: str, submissions: Path, out_dir: Path, seed: int, job
 
     def run(k: int) -> None:
         path = paths[k]
-        if not path.is_file():
-            reports[k] = Report(ids[k], path.name, notes=["not a file: expected one .ipynb notebook per student"])
-            reports[k].tests = [Test(f"{c.question.name} ({c.label})", c.points, c.label.split()[0],
-                                     output="not graded") for c in cases]
+        if path.is_file():
+            try:
+                reports[k] = grade_one(path, ids[k], cases, prefix, limits)
+                return
+            except Exception as error:  # a grader bug: this file still gets its row
+                note = f"grader error: {type(error).__name__}: {error}"
         else:
-            reports[k] = grade_one(path, ids[k], cases, prefix, limits)
+            note = "not a file: expected one .ipynb notebook per student"
+        reports[k] = Report(ids[k], path.name, notes=[note])
+        reports[k].tests = [Test(f"{c.question.name} ({c.label})", c.points, c.label.split()[0],
+                                 output="not graded") for c in cases]
 
     jobs = jobs or os.cpu_count() or 1
     with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(paths), desc="grading", unit="notebook",
                                                 disable=not progress) as bar:
         for _ in pool.map(lambda k: (run(k), bar.update())[0], range(len(paths))):
             pass
-    write_outputs(Path(out_dir), reports, isolation, seed)
+    write_outputs(Path(out_dir), reports, isolation)
     return reports

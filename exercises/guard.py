@@ -21,6 +21,7 @@ import types
 _originals: dict[str, object] = {}  # dotted name -> a callable that runs the original
 _active: frozenset[str] = frozenset()
 _calls: list[str] = []
+_launches = [0]  # Triton kernel launches since the counter was last reset
 
 
 class ForbiddenCall(RuntimeError):
@@ -101,3 +102,26 @@ def watching(names):
         _active = frozenset()
         calls.extend(dict.fromkeys(_calls))  # each name once, in order
         _calls.clear()
+
+
+def triton_launches() -> list[int]:
+    """A one-element counter of Triton kernel launches (interpreted or compiled); set it to 0 before a call.
+
+    Patches Triton's launch once. Without Triton installed the counter stays 0.
+    """
+    try:
+        from triton.runtime import interpreter, jit
+    except ImportError:
+        return _launches
+    for cls in (interpreter.InterpretedFunction, jit.JITFunction):
+        if getattr(cls.run, "_counts_launches", False):
+            continue
+        run = cls.run
+
+        def counted(self, *args, _run=run, **kwargs):
+            _launches[0] += 1
+            return _run(self, *args, **kwargs)
+
+        counted._counts_launches = True
+        cls.run = counted
+    return _launches

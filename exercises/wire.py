@@ -35,11 +35,19 @@ def dumps(obj) -> bytes:
     return buffer.getvalue()
 
 
-def write(fd: int, obj) -> None:
+def write(fd: int, obj, deadline: float | None = None) -> None:
+    """Send obj; with a deadline (the grader's side, fd non-blocking) a reader that stops reading is a Timeout."""
     data = dumps(obj)
     view = memoryview(HEADER.pack(len(data)) + data)
     while view:
-        view = view[os.write(fd, view):]
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([], [fd], [], wait)[1]:
+                raise Timeout()
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            continue
 
 
 def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:

@@ -179,3 +179,23 @@ def test_pytest_collects_only_the_source_notebooks(tmp_path):
         probe.unlink()
     notebooks = {line.split("::")[0] for line in done.stdout.splitlines() if ".ipynb" in line}
     assert notebooks == {f"exercises/src/{n}.ipynb" for n in assignments.names()}, done.stdout[-2000:]
+
+
+def test_kernel_exercises_need_a_triton_kernel(tmp_path):
+    softmax_by_torch = "import torch\n\ndef softmax_rows(x):\n    return torch.softmax(x, dim=-1)\n"
+    softmax_by_exp = ("import torch\n\ndef softmax_rows(x):\n    e = (x - x.max(-1, keepdim=True).values).exp()\n"
+                      "    return e / e.sum(-1, keepdim=True)\n")
+    with pytest.raises(AssertionError, match="launched no Triton kernel"):
+        namespace = {}
+        exec(softmax_by_exp, namespace)
+        feedback.check("softmax_rows", namespace["softmax_rows"])
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    for name, source in (("by_torch", softmax_by_torch), ("by_exp", softmax_by_exp)):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), subs / f"{name}.ipynb")
+    reports = {r.student: r for r in grade.grade("06_kernels", subs, tmp_path / "out", seed=3, jobs=2,
+                                                 progress=False)}
+    for student, reason in (("by_torch", "calls torch.softmax"), ("by_exp", "launched no Triton kernel")):
+        softmax = [t for t in reports[student].tests if t.name.startswith("softmax_rows")]
+        assert all(t.score == 0 and reason in t.output for t in softmax), (student, softmax)
+        assert reports[student].score == 0
