@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import io
 import linecache
 import os
 import sys
@@ -144,7 +145,7 @@ def _call(namespace: dict, request: dict, launches: list[int]) -> dict:
         return {"error": f"{name} is not defined: the notebook has no function of that name"}
     if not callable(fn):
         return {"error": f"{name} is not a function but {type(fn).__name__}"}
-    args = torch.load(__import__("io").BytesIO(request["args"]), weights_only=False)
+    args = torch.load(io.BytesIO(request["args"]), weights_only=False)  # from the grader: trusted
     launches[0] = 0
     result, error = None, None
     with guard.watching(request["forbidden"]) as forbidden_calls:

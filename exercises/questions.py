@@ -8,8 +8,9 @@ give away the exact cases. The expected answers are computed here, with `refimpl
 
 from __future__ import annotations
 
+import copy
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,7 +41,6 @@ class Question:
     n_visible: int = 2
     n_hidden: int = 3
     call_timeout: float = 10.0  # seconds per call when graded
-    extra: dict = field(default_factory=dict)
 
     def cases(self, seed: int | None) -> list[tuple[str, tuple]]:
         """[(label, args)]: the visible cases when seed is None, else the hidden ones drawn from seed."""
@@ -67,7 +67,6 @@ def clone(value):
     if isinstance(value, tuple):
         return tuple(clone(v) for v in value)
     if isinstance(value, torch.nn.Module):
-        import copy
         return copy.deepcopy(value)
     return value  # numbers, configs (frozen)
 
