@@ -204,3 +204,25 @@ def test_kernel_exercises_need_a_triton_kernel(tmp_path):
         softmax = [t for t in reports[student].tests if t.name.startswith("softmax_rows")]
         assert all(t.score == 0 and reason in t.output for t in softmax), (student, softmax)
         assert reports[student].score == 0
+
+
+def test_released_notebook_check_cell_explains_then_passes(released, tmp_path):
+    """The learner's path: otter's grader.check in a real kernel, on the released notebook."""
+    import nbclient
+    notebook = nbformat.read(released / "02_rope.ipynb", as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code" and "def rope_interleaved" in cell.source:
+            cell.source = cell.source.replace('raise NotImplementedError("rope_interleaved: write the body")',
+                                              "return x  # forgot to rotate")
+    fixed = ("def rope_interleaved(x, cos, sin):\n    x_even, x_odd = x[..., 0::2], x[..., 1::2]\n"
+             "    pairs = (x_even * cos - x_odd * sin, x_even * sin + x_odd * cos)\n"
+             "    return torch.stack(pairs, dim=-1).flatten(-2)")
+    notebook.cells += [nbformat.v4.new_code_cell(fixed),
+                       nbformat.v4.new_code_cell('grader.check("rope_interleaved")')]
+    nbformat.write(notebook, tmp_path / "02_rope.ipynb")
+    nbclient.NotebookClient(notebook, timeout=300, allow_errors=True,
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    checks = ["".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in c.outputs)
+              for c in notebook.cells if c.cell_type == "code" and "grader.check" in c.source]
+    assert "the result is wrong at index" in checks[0] and "visible 1 case" in checks[0], checks[0]
+    assert "All test cases passed" in checks[1], checks[1]

@@ -82,8 +82,9 @@ CASES = [
     Case("huge_print", HONEST + ['import sys\nprint("x" * 200_000_000)\nsys.stderr.write("y" * 200_000_000)'],
          FULL),
     Case("memory_bomb_top_level", HONEST + ["hog = bytearray(8 << 30)"], FULL, reason="MemoryError"),
-    Case("memory_bomb_in_answer", [SDPA.replace("    q_len, kv_len", "    hog = torch.ones(1 << 34)\n    q_len, kv_len")]
-         + HONEST[1:], FULL - SDPA_POINTS, reason="raised"),
+    Case("memory_bomb_in_answer",
+         [SDPA.replace("    q_len, kv_len", "    hog = torch.ones(1 << 34)\n    q_len, kv_len")] + HONEST[1:],
+         FULL - SDPA_POINTS, reason="raised"),
     Case("patch_check_function", STUBS + [
         "import exercises.feedback, otter\nexercises.feedback.check = lambda *a, **k: None\n"
         "otter.Notebook.check = lambda *a, **k: None"], 0.0, flagged=True, reason="exercises.feedback.check"),
