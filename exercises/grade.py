@@ -120,8 +120,9 @@ def _namespace_script() -> str:
 def _isolation() -> tuple[list[str] | None, str]:
     """(command prefix for the namespaces, or None; a one-line description of the isolation)."""
     if sys.platform != "linux":
-        return None, (f"isolation: {sys.platform}: time and memory limits, own process group and private temp "
-                      "directory only; no network/PID namespace, no unprivileged uid (run on Linux as root)")
+        return None, (f"isolation: {sys.platform}: time limits, memory limit where the system enforces "
+                      "RLIMIT_AS (macOS does not), own process group and private temp directory only; no "
+                      "network/PID namespace, no unprivileged uid (run on Linux as root for those)")
     if os.geteuid() != 0:
         return None, ("isolation: not root: time and memory limits, own process group and private temp directory "
                       "only; no network/PID namespace, no unprivileged uid (a process a submission detaches "
@@ -150,12 +151,15 @@ def _prlimit(memory_mb: int) -> list[str]:
 
 
 def _set_limits(memory_mb: int) -> None:
-    memory = memory_mb << 20
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE, FILE_SIZE))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    """Where `prlimit` is missing (macOS): the same limits from Python; one the system refuses is skipped."""
+    limits = [(resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_FSIZE, FILE_SIZE), (resource.RLIMIT_CORE, 0)]
     if os.geteuid() == 0:
-        resource.setrlimit(resource.RLIMIT_NPROC, (PROCESSES, PROCESSES))
+        limits.append((resource.RLIMIT_NPROC, PROCESSES))
+    for kind, value in limits:
+        try:
+            resource.setrlimit(kind, (value, value))
+        except (ValueError, OSError):
+            pass
 
 
 class Sandbox:
