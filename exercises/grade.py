@@ -311,7 +311,8 @@ def grade_one(path: Path, student: str, cases: list[Case], prefix, limits: Limit
                     test.output = "not run: the submission's process was restarted too many times"
                     i += 1
                     continue
-                sandbox, load_note = _start(prefix, limits, cells, skip, forbidden, triton, report)
+                sandbox, load_note = _start(prefix, limits, cells, skip, forbidden, triton, report,
+                                            started + limits.submission_timeout)
                 restarts += 1
                 if sandbox is None:  # a cell hung or ended the process: skip it and start again
                     if load_note is not None:
@@ -322,11 +323,13 @@ def grade_one(path: Path, student: str, cases: list[Case], prefix, limits: Limit
                 reply = sandbox.call(case.question.name, case.args, case.question.mutated_args,
                                      case.question.forbidden, timeout)
             except (wire.Timeout, wire.Closed, wire.BadMessage, OSError) as error:
-                test.output = {wire.Timeout: f"took longer than {timeout:.0f} s (stopped)",
-                               wire.Closed: "the process ended during the call (exit, crash or memory limit)"}.get(
-                    type(error), f"the process sent {error}")
-                if isinstance(error, wire.BadMessage):
+                if isinstance(error, wire.Timeout):
+                    test.output = f"took longer than {timeout:.0f} s (stopped)"
+                elif isinstance(error, wire.BadMessage):
+                    test.output = f"the process sent {error}"
                     report.tampering.append(f"sent {error}")
+                else:  # wire.Closed, or a broken pipe
+                    test.output = "the process ended during the call (exit, crash or memory limit)"
                 failures[case.question.name] = failures.get(case.question.name, 0) + 1
                 sandbox.kill()
                 sandbox = None
@@ -347,9 +350,10 @@ def grade_one(path: Path, student: str, cases: list[Case], prefix, limits: Limit
     return report
 
 
-def _start(prefix, limits: Limits, cells, skip, forbidden, triton, report: Report):
-    """Start a sandbox and run the cells. (sandbox, None) when loaded; (None, cell index) when a cell hung or
-    ended the process, which is then skipped; (None, None) when the process failed to start."""
+def _start(prefix, limits: Limits, cells, skip, forbidden, triton, report: Report, end: float):
+    """Start a sandbox and run the cells, by the time `end` at the latest. (sandbox, None) when loaded;
+    (None, cell index) when a cell hung or ended the process, which is then skipped; (None, None) when the
+    process failed to start or the time ran out."""
     current, timeout = None, limits.startup_timeout
     try:
         sandbox = Sandbox(prefix, limits, cells, skip, forbidden, triton)
@@ -358,7 +362,7 @@ def _start(prefix, limits: Limits, cells, skip, forbidden, triton, report: Repor
         return None, None
     try:
         while True:
-            message = sandbox.read(timeout)
+            message = sandbox.read(min(timeout, end - time.monotonic()))
             if message.get("event") == "cell":
                 current, timeout = message["index"], limits.cell_timeout
             elif message.get("event") == "loaded":
@@ -374,6 +378,9 @@ def _start(prefix, limits: Limits, cells, skip, forbidden, triton, report: Repor
     except (wire.Timeout, wire.Closed, wire.BadMessage) as error:
         tail = b"".join(sandbox.stderr_tail).decode(errors="replace").strip().splitlines()[-1:]
         sandbox.kill()
+        if time.monotonic() >= end:
+            report.notes.append(f"the notebook's cells used up the submission's {limits.submission_timeout:.0f} s")
+            return None, None
         if current is None:
             report.notes.append(f"the submission's process did not start ({type(error).__name__}"
                                 f"{': ' + tail[0] if tail else ''})")
