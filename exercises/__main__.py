@@ -1,0 +1,57 @@
+"""The instructor's commands (see exercises/README.md):
+
+    python -m exercises release [NAME ...] [--out DIR]
+    python -m exercises grade ASSIGNMENT SUBMISSIONS_DIR OUT_DIR --seed N [--jobs J] [--memory-mb M] ...
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from exercises import assignments
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exercises")
+    commands = parser.add_subparsers(dest="command", required=True)
+    rel = commands.add_parser("release", help="write the student notebooks (solutions stripped) to a folder")
+    rel.add_argument("names", nargs="*", help=f"assignments (default: all of {assignments.names()})")
+    rel.add_argument("--out", type=Path, default=None, help="folder (default: exercises/_release)")
+    gr = commands.add_parser("grade", help="grade a folder of submitted notebooks, one per student")
+    gr.add_argument("assignment", choices=assignments.names())
+    gr.add_argument("submissions", type=Path, help="folder with one notebook per student (file name = id)")
+    gr.add_argument("out", type=Path, help="folder for scores.csv, summary.csv and <student>/results.json")
+    gr.add_argument("--seed", type=int, required=True, help="draws the hidden cases (keep it private)")
+    gr.add_argument("--jobs", type=int, default=None, help="submissions graded at once (default: CPU count)")
+    gr.add_argument("--memory-mb", type=int, default=3072, help="address-space limit per submission")
+    gr.add_argument("--cell-timeout", type=float, default=60.0, help="seconds per notebook cell")
+    gr.add_argument("--call-timeout-scale", type=float, default=1.0,
+                    help="multiplies each exercise's per-call limit (10 s, 60 s for kernels)")
+    args = parser.parse_args(argv)
+
+    if args.command == "release":
+        from exercises.release import DEFAULT_OUT, ReleaseError, release
+        try:
+            written = release(args.names or None, args.out or DEFAULT_OUT)
+        except ReleaseError as error:
+            print(error, file=sys.stderr)
+            return 1
+        print("\n".join(str(p) for p in written))
+        return 0
+
+    from exercises.grade import Limits, grade
+    if not args.submissions.is_dir():
+        parser.error(f"SUBMISSIONS_DIR: expected a folder, got {args.submissions}")
+    started = time.monotonic()
+    limits = Limits(memory_mb=args.memory_mb, cell_timeout=args.cell_timeout,
+                    call_timeout_scale=args.call_timeout_scale)
+    reports = grade(args.assignment, args.submissions, args.out, args.seed, args.jobs, limits)
+    flagged = sum(bool(r.tampering) for r in reports)
+    print(f"graded {len(reports)} submissions in {time.monotonic() - started:.0f} s; {flagged} flagged for review; "
+          f"wrote {args.out}/summary.csv, scores.csv and <student>/results.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

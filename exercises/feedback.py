@@ -1,0 +1,48 @@
+"""The learner's check, in the notebook: run one exercise's visible cases now and say what is wrong.
+
+`check("causal_sdpa", causal_sdpa)` calls the function on each visible case, compares with refimpl's answer and
+raises AssertionError with one plain sentence (the case, its inputs' shapes, what is wrong: shape, dtype, the
+first wrong value) on the first failure; it returns None when every case passes. otter's `grader.check(...)`
+cells in the student notebooks call it. Grading runs the same cases and more (hidden ones), elsewhere.
+"""
+
+from __future__ import annotations
+
+from exercises import guard
+from exercises.compare import describe, mismatch
+from exercises.questions import QUESTIONS, clone
+
+
+def check(name: str, fn) -> None:
+    question = QUESTIONS[name]
+    if not callable(fn):
+        raise AssertionError(f"{name} should be a function, got {describe(fn)}")
+    canon = question.canonical or (lambda x: x)
+    launches = guard.triton_launches() if question.triton else [1]
+    for label, args in question.cases(None):
+        expected, expected_mutated = question.expected(args)
+        given = clone(args)
+        inputs = ", ".join(f"{n}={describe(a)}" for n, a in zip(question.arg_names, args))
+        where = f"{name}({inputs}), {label} case"
+        if question.triton:
+            launches[0] = 0
+        with guard.watching(question.forbidden) as forbidden:
+            try:
+                result = fn(*given)
+            except guard.ForbiddenCall:
+                result = None
+            except NotImplementedError:
+                raise AssertionError(f"{name} is not written yet: replace `raise NotImplementedError` with "
+                                     "your code") from None
+            except Exception as error:
+                raise AssertionError(f"{where}: raised {type(error).__name__}: {error}") from None
+        if forbidden:
+            raise AssertionError(f"{where}: {guard.message(forbidden[0])}")
+        if not launches[0]:
+            raise AssertionError(f"{where}: launched no Triton kernel; the exercise is to write one")
+        problem = mismatch(canon(result), canon(expected), "the result", question.atol, question.rtol)
+        for i, want in zip(question.mutated_args, expected_mutated):
+            problem = problem or mismatch(given[i], want, f"{question.arg_names[i]} after the call",
+                                          question.atol, question.rtol)
+        if problem:
+            raise AssertionError(f"{where}: {problem}")

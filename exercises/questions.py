@@ -1,0 +1,380 @@
+"""The exercises' test cases: how to draw inputs, what refimpl answers, and what an answer may not call.
+
+Each `Question` is one function a learner writes (its name is the function's name and otter's question name).
+Visible cases are drawn from a fixed seed and are what `check(...)` runs in the notebook; hidden cases are drawn
+at grade time from the instructor's seed, with other (often awkward) sizes, so that this public file does not
+give away the exact cases. The expected answers are computed here, with `refimpl`, in the grader's process.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from refimpl import accounting, attention, moe, rope
+from refimpl.config import ModelConfig, load_known
+from refimpl.mla import MultiHeadLatentAttention
+
+# What every kernel exercise may not call instead of launching its own Triton kernel.
+SOFTMAX_EQUIVALENTS = ("torch.softmax", "torch.nn.functional.softmax", "torch.Tensor.softmax",
+                       "torch.special.softmax", "torch._softmax")
+SDPA_EQUIVALENTS = ("refimpl.attention.scaled_dot_product_attention",
+                    "torch.nn.functional.scaled_dot_product_attention")
+
+
+@dataclass(frozen=True)
+class Question:
+    name: str  # the function the learner writes
+    arg_names: tuple[str, ...]
+    make_args: Callable[[torch.Generator, bool], tuple]  # (generator, hidden) -> arguments
+    reference: Callable[..., object]  # arguments -> the expected result, with refimpl
+    forbidden: tuple[str, ...]  # dotted names the answer must not call (the refimpl function, its equivalents)
+    mutated_args: tuple[int, ...] = ()  # arguments the function must write in place: compared too
+    canonical: Callable[[object], object] | None = None  # applied to answer and expected before comparing
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    triton: bool = False  # must launch a Triton kernel
+    n_visible: int = 2
+    n_hidden: int = 3
+    call_timeout: float = 10.0  # seconds per call when graded
+
+    def cases(self, seed: int | None) -> list[tuple[str, tuple]]:
+        """[(label, args)]: the visible cases when seed is None, else the hidden ones drawn from seed."""
+        hidden = seed is not None
+        count = self.n_hidden if hidden else self.n_visible
+        base = zlib.crc32(self.name.encode()) + (0 if seed is None else 1_000_003 * (seed + 1))
+        out = []
+        for i in range(count):
+            gen = torch.Generator().manual_seed(base + i)
+            out.append((f"{'hidden' if hidden else 'visible'} {i + 1}", self.make_args(gen, hidden)))
+        return out
+
+    def expected(self, args: tuple):
+        """(result, mutated arguments) that refimpl gives for args (args are not changed)."""
+        args = clone(args)
+        result = self.reference(*args)
+        return result, tuple(args[i] for i in self.mutated_args)
+
+
+def clone(value):
+    """A deep copy of arguments, so an answer that writes its inputs in place cannot change the next call's."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(clone(v) for v in value)
+    if isinstance(value, torch.nn.Module):
+        return copy.deepcopy(value)
+    return value  # numbers, configs (frozen)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _pick(gen: torch.Generator, *choices):
+    return choices[int(torch.randint(len(choices), (1,), generator=gen))]
+
+
+def _randn(gen: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen) * scale
+
+
+def _randomize(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.3) -> torch.nn.Module:
+    """Draw every parameter from gen (norm weights around 1), so that a wrong wiring shows."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if "norm" in name else scale * noise)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+def _qkv(gen, hidden):
+    b, h, d = (_pick(gen, 1, 2, 3), _pick(gen, 1, 3, 4), _pick(gen, 4, 6, 10)) if hidden else (2, 2, 8)
+    s = _pick(gen, 1, 5, 9) if hidden else 4
+    t = s + (_pick(gen, 0, 3) if hidden else 0)
+    return b, h, s, t, d
+
+
+def _sdpa_args(gen, hidden):
+    b, h, s, t, d = _qkv(gen, hidden)
+    return _randn(gen, b, h, s, d), _randn(gen, b, h, t, d), _randn(gen, b, h, t, d)
+
+
+def _sdpa_ref(q, k, v):
+    return attention.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _cache_args(gen, hidden):
+    b, h, s, _, d = _qkv(gen, hidden)
+    max_len = s + _pick(gen, 3, 6, 11)
+    start = int(torch.randint(max_len - s + 1, (1,), generator=gen))
+    cache_k, cache_v = _randn(gen, b, h, max_len, d), _randn(gen, b, h, max_len, d)  # old contents
+    return cache_k, cache_v, _randn(gen, b, h, s, d), _randn(gen, b, h, s, d), start
+
+
+def _cache_ref(cache_k, cache_v, k_new, v_new, start_pos):
+    b, h, max_len, d = cache_k.shape
+    cache = attention.KVCache(b, h, max_len, d)
+    cache.k, cache.v = cache_k, cache_v  # the cache writes into these very tensors
+    return cache.update(k_new, v_new, start_pos)
+
+
+def _decode_args(gen, hidden):
+    b, h, _, _, d = _qkv(gen, hidden)
+    max_len = _pick(gen, 4, 7, 12) if hidden else 6
+    pos = int(torch.randint(max_len, (1,), generator=gen))
+    return (_randn(gen, b, h, 1, d), _randn(gen, b, h, 1, d), _randn(gen, b, h, 1, d),
+            _randn(gen, b, h, max_len, d), _randn(gen, b, h, max_len, d), pos)
+
+
+def _decode_ref(q, k_new, v_new, cache_k, cache_v, pos):
+    k, v = _cache_ref(cache_k, cache_v, k_new, v_new, pos)
+    return attention.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+def _rope_args(gen, hidden):
+    b, h, s = (_pick(gen, 1, 2), _pick(gen, 1, 3), _pick(gen, 1, 5, 7)) if hidden else (1, 2, 4)
+    d = _pick(gen, 2, 6, 10) if hidden else 8
+    start = _pick(gen, 0, 17, 1000) if hidden else 0
+    base = _pick(gen, 10000.0, 500.0) if hidden else 10000.0
+    positions = torch.arange(start, start + s)
+    cos, sin = rope.RotaryEmbedding(d, base)(positions)
+    return _randn(gen, b, h, s, d), cos, sin
+
+
+def _rope_ref(x, cos, sin):
+    return rope.apply_rope(x, cos, sin, interleaved=True)
+
+
+# ---------------------------------------------------------------------------------------------------- MLA
+def _mla_module(gen, hidden) -> MultiHeadLatentAttention:
+    if hidden:
+        config = ModelConfig(vocab_size=32, hidden_size=_pick(gen, 16, 24), num_hidden_layers=1,
+                             num_attention_heads=_pick(gen, 1, 2, 3), intermediate_size=32,
+                             q_lora_rank=_pick(gen, None, 12), kv_lora_rank=_pick(gen, 5, 8, 12),
+                             qk_nope_head_dim=_pick(gen, 3, 4, 8), qk_rope_head_dim=_pick(gen, 2, 4, 6),
+                             v_head_dim=_pick(gen, 3, 5, 8), rope_interleave=True)
+    else:
+        config = ModelConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32, q_lora_rank=12, kv_lora_rank=8, qk_nope_head_dim=4,
+                             qk_rope_head_dim=4, v_head_dim=4, rope_interleave=True)
+    return _randomize(MultiHeadLatentAttention(config), gen).eval()
+
+
+def _mla_latents_args(gen, hidden):
+    attn = _mla_module(gen, hidden)
+    b, s = (_pick(gen, 1, 2), _pick(gen, 1, 3, 6)) if hidden else (2, 3)
+    start = _pick(gen, 0, 5) if hidden else 0
+    return attn, _randn(gen, b, s, attn.hidden_size), start
+
+
+@torch.no_grad()
+def _mla_latents_ref(attn, hidden_states, start_pos):
+    seq = hidden_states.shape[1]
+    cos, sin = attn.rotary_emb(torch.arange(start_pos, start_pos + seq))
+    return attn._latents(hidden_states, cos, sin)
+
+
+def _mla_decompress_args(gen, hidden):
+    attn = _mla_module(gen, hidden)
+    b, t = (_pick(gen, 1, 2), _pick(gen, 1, 4, 7)) if hidden else (2, 3)
+    return attn, _randn(gen, b, t, attn.kv_lora_rank)
+
+
+@torch.no_grad()
+def _mla_decompress_ref(attn, c_kv):
+    batch, kv_len, _ = c_kv.shape
+    kv = attn.kv_b_proj(c_kv).view(batch, kv_len, attn.num_heads, -1).transpose(1, 2)
+    k_nope, v = kv.split([attn.qk_nope_head_dim, attn.v_head_dim], dim=-1)
+    return k_nope, v
+
+
+def _mla_absorbed_args(gen, hidden):
+    attn = _mla_module(gen, hidden)
+    b, s = (_pick(gen, 1, 2), _pick(gen, 1, 3)) if hidden else (2, 2)
+    t = s + (_pick(gen, 0, 4) if hidden else 2)
+    h = attn.num_heads
+    return (attn, _randn(gen, b, h, s, attn.qk_nope_head_dim), _randn(gen, b, h, s, attn.qk_rope_head_dim),
+            _randn(gen, b, t, attn.kv_lora_rank), _randn(gen, b, t, attn.qk_rope_head_dim))
+
+
+@torch.no_grad()
+def _mla_absorbed_ref(attn, q_nope, q_pe, c_kv, k_pe):
+    return attn._attend_naive(q_nope, q_pe, c_kv, k_pe)  # the absorbed path must equal the naive one
+
+
+MLA_FORBIDDEN = tuple(f"refimpl.mla.MultiHeadLatentAttention.{m}"
+                      for m in ("forward", "_latents", "_attend_naive", "_attend_absorbed")) + SDPA_EQUIVALENTS
+
+
+# ---------------------------------------------------------------------------------------------------- MoE
+def _moe_config(gen, hidden, **changes) -> ModelConfig:
+    n_group = _pick(gen, 1, 2, 4) if hidden else 2
+    experts = n_group * (_pick(gen, 3, 4) if hidden else 4)
+    fields = dict(vocab_size=32, hidden_size=_pick(gen, 8, 12) if hidden else 8, num_hidden_layers=1,
+                  num_attention_heads=2, intermediate_size=16, n_routed_experts=experts,
+                  num_experts_per_tok=_pick(gen, 1, 2, 3) if hidden else 2, moe_intermediate_size=6,
+                  n_shared_experts=_pick(gen, 0, 1, 2) if hidden else 1, norm_topk_prob=True,
+                  routed_scaling_factor=_pick(gen, 1.0, 2.5) if hidden else 1.0)
+    fields.update(changes)
+    return ModelConfig(**fields)
+
+
+def _route_args(gen, hidden):
+    config = _moe_config(gen, hidden, norm_topk_prob=_pick(gen, True, False) if hidden else True)
+    gate = _randomize(moe.Router(config), gen, scale=1.0)
+    return gate, _randn(gen, _pick(gen, 1, 5, 9) if hidden else 6, config.hidden_size)
+
+
+def _group_route_args(gen, hidden):
+    n_group = _pick(gen, 2, 4) if hidden else 4
+    config = _moe_config(gen, hidden, n_routed_experts=n_group * (_pick(gen, 2, 3) if hidden else 2),
+                         num_experts_per_tok=2, n_group=n_group, topk_group=_pick(gen, 1, 2) if hidden else 2,
+                         scoring_func="sigmoid", topk_method="noaux_tc")
+    gate = _randomize(moe.Router(config), gen, scale=1.0)
+    gate.e_score_correction_bias.copy_(_randn(gen, config.n_routed_experts, scale=0.3))
+    return gate, _randn(gen, _pick(gen, 1, 5, 9) if hidden else 6, config.hidden_size)
+
+
+@torch.no_grad()
+def _route_ref(gate, x):
+    routing = gate(x)
+    return routing.topk_idx, routing.topk_weight
+
+
+def _by_expert(result):
+    """Order each token's (expert, weight) pairs by expert id: the order top-k returns them in is free."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(r, torch.Tensor)
+                                                                          for r in result)):
+        return result
+    idx, weight = result
+    if idx.shape != weight.shape or idx.dim() != 2 or idx.dtype != torch.int64:
+        return result
+    order = idx.argsort(dim=-1)
+    return idx.gather(1, order), weight.gather(1, order)
+
+
+def _moe_args(gen, hidden):
+    config = _moe_config(gen, hidden)
+    layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
+    b, s = (_pick(gen, 1, 2), _pick(gen, 1, 4)) if hidden else (2, 3)
+    return layer, _randn(gen, b, s, config.hidden_size)
+
+
+@torch.no_grad()
+def _moe_ref(layer, hidden_states):
+    return layer(hidden_states)
+
+
+def _bias_args(gen, hidden):
+    experts = _pick(gen, 3, 8, 10) if hidden else 8
+    load = torch.randint(0, 6, (experts,), generator=gen).float()
+    if hidden:  # some experts exactly at the mean load: their bias must not move
+        load[: experts // 2] = load.mean()
+    gamma = _pick(gen, 0.001, 0.01, 0.1) if hidden else 0.01
+    return _randn(gen, experts, scale=0.1), load, gamma
+
+
+def _bias_ref(bias, load, gamma):
+    return moe.update_bias(bias, load, gamma)
+
+
+# ---------------------------------------------------------------------------------------------------- accounting
+def _config_args(gen, hidden):
+    if not hidden:
+        return (load_known(_pick(gen, "DeepSeek-V3", "DeepSeek-V2-Lite", "Llama-3-8B")),)
+    if _pick(gen, True, False):  # dense, GQA
+        heads = _pick(gen, 8, 12, 32)
+        return (ModelConfig(vocab_size=_pick(gen, 1000, 32000), hidden_size=heads * 64,
+                            num_hidden_layers=_pick(gen, 2, 7, 30), num_attention_heads=heads,
+                            num_key_value_heads=_pick(gen, 1, 4, heads), intermediate_size=_pick(gen, 1000, 3000),
+                            tie_word_embeddings=_pick(gen, True, False), attention_bias=_pick(gen, True, False)),)
+    n_group = _pick(gen, 1, 4)
+    return (ModelConfig(vocab_size=_pick(gen, 1000, 50000), hidden_size=_pick(gen, 512, 1024),
+                        num_hidden_layers=_pick(gen, 3, 9), num_attention_heads=_pick(gen, 4, 16),
+                        intermediate_size=_pick(gen, 1000, 4000), q_lora_rank=_pick(gen, None, 192),
+                        kv_lora_rank=_pick(gen, 64, 128), qk_nope_head_dim=_pick(gen, 32, 64),
+                        qk_rope_head_dim=_pick(gen, 16, 32), v_head_dim=_pick(gen, 32, 64),
+                        n_routed_experts=n_group * _pick(gen, 4, 8), n_shared_experts=_pick(gen, 0, 1, 2),
+                        num_experts_per_tok=_pick(gen, 2, 4), moe_intermediate_size=_pick(gen, 128, 256),
+                        n_group=n_group, topk_group=1, first_k_dense_replace=_pick(gen, 0, 1, 2),
+                        topk_method=_pick(gen, "greedy", "noaux_tc"), scoring_func="sigmoid",
+                        tie_word_embeddings=_pick(gen, True, False)),)
+
+
+def _kv_bytes_args(gen, hidden):
+    return _config_args(gen, hidden) + (_pick(gen, 1, 2, 4) if hidden else 2,)
+
+
+def _kv_bytes_ref(config, bytes_per_element):
+    return accounting.kv_cache_bytes_per_token(config, bytes_per_element)
+
+
+def _activated_ref(config):
+    return accounting.param_counts(config).activated
+
+
+ACCOUNTING_FORBIDDEN = tuple(f"refimpl.accounting.{f}" for f in (
+    "param_counts", "attention_params", "ffn_params", "decoder_layer_params", "kv_cache_elements_per_token",
+    "kv_cache_bytes_per_token", "kv_cache_bytes", "summary", "flops_per_token"))
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+def _softmax_args(gen, hidden):
+    rows, cols = (_pick(gen, 1, 3, 7), _pick(gen, 1, 5, 33, 100)) if hidden else (4, 16)
+    scale = _pick(gen, 1.0, 40.0) if hidden else 1.0  # large logits: exp overflows without the max trick
+    return (_randn(gen, rows, cols, scale=scale),)
+
+
+def _softmax_ref(x):
+    return torch.softmax(x.double(), dim=-1).to(x.dtype)  # float64 then rounded: the most exact answer
+
+
+def _decode_block_args(gen, hidden):
+    b, h, t = (_pick(gen, 1, 2), _pick(gen, 1, 3), _pick(gen, 1, 9, 40)) if hidden else (1, 2, 16)
+    r, dr = (_pick(gen, 8, 16), _pick(gen, 4, 8)) if hidden else (16, 8)
+    scale = (24 ** -0.5)
+    return (_randn(gen, b, h, r), _randn(gen, b, h, dr), _randn(gen, b, t, r), _randn(gen, b, t, dr), scale)
+
+
+def _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale):
+    h = q_latent.shape[1]
+    q = torch.cat((q_latent, q_pe), dim=-1)[:, :, None, :]  # [b, h, 1, r + dr]
+    k = torch.cat((c_kv, k_pe), dim=-1)[:, None].expand(-1, h, -1, -1)  # one latent key for every head
+    v = c_kv[:, None].expand(-1, h, -1, -1)  # the values are the latents themselves
+    return attention.scaled_dot_product_attention(q, k, v, scale=scale)[:, :, 0]  # [b, h, r]
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+QUESTIONS = {q.name: q for q in [
+    Question("causal_sdpa", ("q", "k", "v"), _sdpa_args, _sdpa_ref, SDPA_EQUIVALENTS),
+    Question("kv_cache_update", ("cache_k", "cache_v", "k_new", "v_new", "start_pos"), _cache_args, _cache_ref,
+             ("refimpl.attention.KVCache.update",), mutated_args=(0, 1)),
+    Question("decode_step", ("q", "k_new", "v_new", "cache_k", "cache_v", "pos"), _decode_args, _decode_ref,
+             ("refimpl.attention.KVCache.update",) + SDPA_EQUIVALENTS, mutated_args=(3, 4)),
+    Question("rope_interleaved", ("x", "cos", "sin"), _rope_args, _rope_ref, ("refimpl.rope.apply_rope",)),
+    Question("mla_latents", ("attn", "hidden_states", "start_pos"), _mla_latents_args, _mla_latents_ref,
+             MLA_FORBIDDEN),
+    Question("mla_decompress", ("attn", "c_kv"), _mla_decompress_args, _mla_decompress_ref, MLA_FORBIDDEN),
+    Question("mla_absorbed", ("attn", "q_nope", "q_pe", "c_kv", "k_pe"), _mla_absorbed_args, _mla_absorbed_ref,
+             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3),
+    Question("route_topk", ("gate", "x"), _route_args, _route_ref,
+             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert),
+    Question("route_group_limited", ("gate", "x"), _group_route_args, _route_ref,
+             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert),
+    Question("moe_forward", ("moe", "hidden_states"), _moe_args, _moe_ref,
+             tuple(f"refimpl.moe.{f}" for f in ("DeepSeekMoE.forward", "dispatch", "run_experts", "combine"))),
+    Question("update_bias", ("bias", "load", "gamma"), _bias_args, _bias_ref, ("refimpl.moe.update_bias",),
+             mutated_args=(0,), atol=1e-7, rtol=1e-6),
+    Question("kv_bytes_per_token", ("config", "bytes_per_element"), _kv_bytes_args, _kv_bytes_ref,
+             ACCOUNTING_FORBIDDEN),
+    Question("activated_params", ("config",), _config_args, _activated_ref, ACCOUNTING_FORBIDDEN),
+    Question("softmax_rows", ("x",), _softmax_args, _softmax_ref, SOFTMAX_EQUIVALENTS, triton=True,
+             atol=1e-6, rtol=1e-5, call_timeout=60.0),
+    Question("mla_decode_block", ("q_latent", "q_pe", "c_kv", "k_pe", "scale"), _decode_block_args,
+             _decode_block_ref, SOFTMAX_EQUIVALENTS + SDPA_EQUIVALENTS, triton=True, atol=1e-5, rtol=1e-4,
+             call_timeout=60.0),
+]}
