@@ -32,6 +32,7 @@ def close(got, want, rel):
     ("Llama-3-70B", 70.6 * B, 0.005),  # Hugging Face model page: 70.6B
     ("Mistral-7B", 7.24 * B, 0.005),  # Hugging Face model page: 7.24B
     ("Llama-2-7B", 6.74 * B, 0.005),  # Hugging Face model page: 6.74B
+    ("Llama-3.1-405B", 405 * B, 0.005),  # Llama 3.1 model card (meta-llama/llama-models): 405B
 ])
 def test_total_matches_published(name, published, rel):
     assert close(acc.param_counts(cfg(name)).total, published, rel)
@@ -77,7 +78,7 @@ def test_v2_lite_activated():
 
 
 def test_dense_models_activate_everything():
-    for name in ("Llama-2-7B", "Llama-3-8B", "Llama-3-70B", "Mistral-7B"):
+    for name in ("Llama-2-7B", "Llama-3-8B", "Llama-3-70B", "Llama-3.1-405B", "Mistral-7B"):
         p = acc.param_counts(cfg(name))
         assert p.activated == p.total
         assert p.routed_experts == p.router == p.shared_experts == p.mtp == 0
@@ -216,6 +217,7 @@ def test_v2_kv_cache_matches_table_1():
     ("Llama-2-7B", "mha", 2 * 32 * 128 * 32),
     ("Llama-3-8B", "gqa", 2 * 8 * 128 * 32),
     ("Llama-3-70B", "gqa", 2 * 8 * 128 * 80),
+    ("Llama-3.1-405B", "gqa", 2 * 8 * 128 * 126),
     ("Mistral-7B", "gqa", 2 * 8 * 128 * 32),
 ])
 def test_kv_cache_kind_and_size(name, kind, elements):
