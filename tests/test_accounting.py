@@ -33,6 +33,7 @@ def close(got, want, rel):
     ("Mistral-7B", 7.24 * B, 0.005),  # Hugging Face model page: 7.24B
     ("Llama-2-7B", 6.74 * B, 0.005),  # Hugging Face model page: 6.74B
     ("DeepSeek-LLM-67B", 67 * B, 0.01),  # DeepSeek LLM (arXiv 2401.02954): "67B"
+    ("Llama-3.1-405B", 405 * B, 0.005),  # Llama 3.1 model card (meta-llama/llama-models): 405B
 ])
 def test_total_matches_published(name, published, rel):
     assert close(acc.param_counts(cfg(name)).total, published, rel)
@@ -78,7 +79,8 @@ def test_v2_lite_activated():
 
 
 def test_dense_models_activate_everything():
-    for name in ("Llama-2-7B", "Llama-3-8B", "Llama-3-70B", "Mistral-7B", "DeepSeek-LLM-67B"):
+    for name in ("Llama-2-7B", "Llama-3-8B", "Llama-3-70B", "Llama-3.1-405B", "Mistral-7B",
+                 "DeepSeek-LLM-67B"):
         p = acc.param_counts(cfg(name))
         assert p.activated == p.total
         assert p.routed_experts == p.router == p.shared_experts == p.mtp == 0
@@ -217,6 +219,7 @@ def test_v2_kv_cache_matches_table_1():
     ("Llama-2-7B", "mha", 2 * 32 * 128 * 32),
     ("Llama-3-8B", "gqa", 2 * 8 * 128 * 32),
     ("Llama-3-70B", "gqa", 2 * 8 * 128 * 80),
+    ("Llama-3.1-405B", "gqa", 2 * 8 * 128 * 126),
     ("Mistral-7B", "gqa", 2 * 8 * 128 * 32),
     ("DeepSeek-LLM-67B", "gqa", 2 * 8 * 128 * 95),  # the model DeepSeek-V2's "93.3%" compares against
 ])

@@ -33,6 +33,11 @@ PUBLIC_NUMBERS = {
                        num_key_value_heads=8, head_dim=128, intermediate_size=14336, rope_theta=500000.0),
     "Llama-3-70B": dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, head_dim=128, intermediate_size=28672, rope_theta=500000.0),
+    # Llama 3 paper (arXiv 2407.21783), Table 3: 126 layers, model dimension 16,384, FFN dimension 53,248,
+    # 128 attention heads, 8 key/value heads; Llama 3.1 model card: 128k context
+    "Llama-3.1-405B": dict(vocab_size=128256, hidden_size=16384, num_hidden_layers=126, num_attention_heads=128,
+                           num_key_value_heads=8, head_dim=128, intermediate_size=53248, rope_theta=500000.0,
+                           max_position_embeddings=131072),
     "Mistral-7B": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, head_dim=128, intermediate_size=14336, rope_theta=10000.0,
                        max_position_embeddings=32768),
