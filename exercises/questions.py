@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from refimpl import accounting, attention, moe, rope
+from refimpl.attention import decoder_mask
 from refimpl.config import ModelConfig, load_known
 from refimpl.mla import MultiHeadLatentAttention
 
@@ -203,7 +204,8 @@ def _mla_absorbed_args(gen, hidden):
 
 @torch.no_grad()
 def _mla_absorbed_ref(attn, q_nope, q_pe, c_kv, k_pe):
-    return attn._attend_naive(q_nope, q_pe, c_kv, k_pe)  # the absorbed path must equal the naive one
+    mask = decoder_mask(None, q_nope.shape[2], c_kv.shape[1])  # causal, the queries are the last positions
+    return attn._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)  # the absorbed path must equal the naive one
 
 
 MLA_FORBIDDEN = tuple(f"refimpl.mla.MultiHeadLatentAttention.{m}"
