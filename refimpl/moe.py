@@ -17,8 +17,8 @@ into weights (normalized to sum 1 in V3, then multiplied by `routed_scaling_fact
 
 Experts must be used evenly, or some idle while others are overloaded. Two remedies are here:
 
-* auxiliary balance losses added to the training loss (`expert_balance_loss`, `device_balance_loss`: V2
-  sec. 2.2.3; `sequence_balance_loss`: V3 sec. 2.1.2);
+* auxiliary balance losses added to the training loss (`expert_balance_loss`, `device_balance_loss`,
+  `communication_balance_loss`: V2 sec. 2.2.3; `sequence_balance_loss`: V3 sec. 2.1.2);
 * V3's auxiliary-loss-free balancing: a per-expert bias b_i added to the scores *only to choose* the experts,
   nudged after each step towards under-loaded experts (`update_bias`).
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl.checks import check_last_dim, check_same_dtype_device, check_shape, check_tensor
+from refimpl.checks import check_int, check_last_dim, check_same_dtype_device, check_shape, check_tensor
 from refimpl.config import ModelConfig
 
 
@@ -216,9 +216,7 @@ def device_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed_e
     0 tokens give 0.
     """
     _check_routing(scores, topk_idx, n_routed_experts)
-    if n_group <= 0 or n_routed_experts % n_group:
-        raise ValueError(f"n_group: expected a positive divisor of n_routed_experts ({n_routed_experts}), "
-                         f"got {n_group}")
+    _check_n_group(n_group, n_routed_experts)
     tokens, k = topk_idx.shape
     if tokens == 0:
         return _no_tokens(scores)
@@ -227,6 +225,43 @@ def device_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed_e
     f_device = f.view(n_group, -1).mean(dim=-1)  # [n_group]
     P_device = P.view(n_group, -1).sum(dim=-1)  # [n_group]
     return alpha * (f_device * P_device).sum()
+
+
+def communication_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed_experts: int,
+                               n_group: int, topk_group: int, alpha: float) -> torch.Tensor:
+    """DeepSeek-V2's communication balance loss (eq. 29-31), for D = n_group devices and device-limited
+    routing to at most M = topk_group of them; device d holds group d of n_routed_experts / n_group:
+
+        L_CommBal = alpha * sum_d f''_d P''_d,   f''_d = D / (M T) * (tokens sent to device d),
+        P''_d = sum_{i in E_d} P_i
+
+    A token is sent to a device once if any of its chosen experts is there (not once per expert). f''_d is
+    1 for every device when each token goes to M devices and every device receives the same number, M T / D;
+    so the loss pushes each device to *receive* about M T hidden states, as device-limited routing bounds
+    what each one *sends*. P_i as in `expert_balance_loss`; only P''_d carries a gradient.
+    scores: [tokens, E], topk_idx: [tokens, k] -> a scalar; 0 tokens give 0.
+    """
+    _check_routing(scores, topk_idx, n_routed_experts)
+    _check_n_group(n_group, n_routed_experts)
+    check_int("topk_group", topk_group, 1)
+    if topk_group > n_group:
+        raise ValueError(f"topk_group: expected at most n_group ({n_group}) devices per token, got {topk_group}")
+    expert_load(topk_idx, n_routed_experts)  # checks the expert ids
+    tokens = topk_idx.shape[0]
+    if tokens == 0:
+        return _no_tokens(scores)
+    device = topk_idx // (n_routed_experts // n_group)  # [tokens, k]: the device of each chosen expert
+    sent = F.one_hot(device, n_group).amax(dim=1)  # [tokens, n_group]: 1 where the token goes
+    f_device = sent.sum(dim=0).to(scores.dtype) * n_group / (topk_group * tokens)  # [n_group]
+    P_device = scores.mean(dim=0).view(n_group, -1).sum(dim=-1)  # [n_group]
+    return alpha * (f_device * P_device).sum()
+
+
+def _check_n_group(n_group: int, n_routed_experts: int) -> None:
+    check_int("n_group", n_group, 1)
+    if n_routed_experts % n_group:
+        raise ValueError(f"n_group: expected a positive divisor of n_routed_experts ({n_routed_experts}), "
+                         f"got {n_group}")
 
 
 def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed_experts: int, alpha: float,

@@ -8,8 +8,9 @@ import torch
 from torch.func import functional_call
 
 from refimpl.config import ModelConfig
-from refimpl.moe import (MLP, DeepSeekMoE, Router, Routing, combine, device_balance_loss, dispatch,
-                         expert_balance_loss, expert_load, run_experts, sequence_balance_loss, update_bias)
+from refimpl.moe import (MLP, DeepSeekMoE, Router, Routing, combine, communication_balance_loss,
+                         device_balance_loss, dispatch, expert_balance_loss, expert_load, run_experts,
+                         sequence_balance_loss, update_bias)
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2  # noqa: E402
@@ -294,6 +295,30 @@ def test_device_balance_loss_by_hand():
                                expert_balance_loss(scores, topk_idx, 4, 2.0))
 
 
+def test_communication_balance_loss_by_hand():
+    # 6 experts on D = 3 devices {0, 1}, {2, 3}, {4, 5}; each token may reach M = 2 devices.
+    # token 0 -> experts 0, 1: device 0 only (sent once, not twice); token 1 -> experts 0, 4: devices 0, 2
+    scores = torch.tensor([[0.3, 0.3, 0.1, 0.1, 0.1, 0.1], [0.4, 0.0, 0.1, 0.1, 0.4, 0.0]], requires_grad=True)
+    topk_idx = torch.tensor([[0, 1], [0, 4]])
+    # received tokens [2, 0, 1] -> f'' = 3 / (2 * 2) * [2, 0, 1] = [1.5, 0, 0.75]; P'' = [0.5, 0.2, 0.3]
+    loss = communication_balance_loss(scores, topk_idx, 6, 3, 2, alpha=0.1)
+    torch.testing.assert_close(loss, torch.tensor(0.1 * (1.5 * 0.5 + 0.75 * 0.3)))
+    loss.backward()  # dL/ds_{i,t} = alpha * f''_{device of i} / T
+    torch.testing.assert_close(scores.grad, torch.tensor([[0.075, 0.075, 0, 0, 0.0375, 0.0375]] * 2))
+
+
+def test_communication_balance_loss_is_alpha_when_every_device_receives_M_T_over_D():
+    # D = 4 devices of 2 experts, M = 2, T = 4 tokens, each sent to 2 devices, each device receiving 2 tokens:
+    # f'' = 4 / (2 * 4) * 2 = 1 on every device, and P'' sums to 1 for softmax scores, so the loss is alpha
+    topk_idx = torch.tensor([[0, 2], [3, 5], [4, 7], [6, 1]])  # devices {0, 1}, {1, 2}, {2, 3}, {3, 0}
+    scores = torch.randn(4, 8).softmax(-1)
+    torch.testing.assert_close(communication_balance_loss(scores, topk_idx, 8, 4, 2, 0.3), torch.tensor(0.3))
+    # one expert per device and M = K: a token reaches K devices, and the loss is the expert-level one
+    topk_idx = scores.topk(2).indices
+    torch.testing.assert_close(communication_balance_loss(scores, topk_idx, 8, 8, 2, 0.3),
+                               expert_balance_loss(scores, topk_idx, 8, 0.3))
+
+
 def test_sequence_balance_loss_by_hand():
     # sequence 0: s' = [[.75, .25], [.5, .5]], P = [.625, .375], both tokens on expert 0: f = [2, 0] -> 1.25
     # sequence 1: s' = [[.5, .5], [.9, .1]], P = [.7, .3], one token each: f = [1, 1] -> 1.0
@@ -389,6 +414,14 @@ def test_balance_and_dispatch_bad_input():
         expert_balance_loss(scores, topk_idx[:3], 6, 0.1)
     with pytest.raises(ValueError, match="n_group.*divisor"):
         device_balance_loss(scores, topk_idx, 6, 4, 0.1)
+    with pytest.raises(ValueError, match="n_group.*divisor"):
+        communication_balance_loss(scores, topk_idx, 6, 4, 1, 0.1)
+    with pytest.raises(ValueError, match="topk_group.*at most n_group \\(3\\).*got 4"):
+        communication_balance_loss(scores, topk_idx, 6, 3, 4, 0.1)
+    with pytest.raises(ValueError, match="topk_idx.*\\[0, 6\\).*6"):
+        communication_balance_loss(scores, topk_idx + 5, 6, 3, 1, 0.1)
+    with pytest.raises(TypeError, match="topk_group.*int"):
+        communication_balance_loss(scores, topk_idx, 6, 3, 1.0, 0.1)
     with pytest.raises(ValueError, match="scores.*batch_size \\* seq_len"):
         sequence_balance_loss(scores, topk_idx, 6, 0.1, batch_size=3, seq_len=2)
     with pytest.raises(ValueError, match="topk_idx.*\\(4, .*got \\(2, 2\\)"):
@@ -527,3 +560,4 @@ def test_balance_losses_of_no_tokens_are_zero():
     assert expert_balance_loss(scores, topk_idx, 8, alpha=0.1).item() == 0.0
     assert device_balance_loss(scores, topk_idx, 8, 4, alpha=0.1).item() == 0.0
     assert sequence_balance_loss(scores, topk_idx, 8, 0.1, batch_size=0, seq_len=5).item() == 0.0
+    assert communication_balance_loss(scores, topk_idx, 8, 4, 2, alpha=0.1).item() == 0.0
