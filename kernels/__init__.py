@@ -11,9 +11,18 @@ every step kept), a validating entry point and a `reference` that calls refimpl:
     kernels.model            use_kernels(model): the kernels inside a refimpl model
     kernels.bench            python -m kernels.bench: the GPU benchmark (--tiny runs under the interpreter)
 
-Set TRITON_INTERPRET=1 before importing a kernel module to run on a CPU (Triton decides when a kernel is
-defined); the interpreter computes garbage in bfloat16, so the entry points refuse it there.
+Without a CUDA GPU, importing `kernels` sets TRITON_INTERPRET=1 (unless it is set already): Triton's
+interpreter is the only way kernels run there, and Triton reads the variable when `triton` is first imported
+and when each kernel is defined, so it must be set before both. The interpreter computes garbage in
+bfloat16, so the entry points refuse it there.
 """
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton  # noqa: F401
