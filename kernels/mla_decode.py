@@ -234,8 +234,11 @@ def _check_sizes(num_splits: int, block_h: int, block_n: int) -> None:
 
 def _common_meta(q_latent: torch.Tensor, q_pe: torch.Tensor, block_h: int) -> dict:
     C, R = q_latent.shape[2], q_pe.shape[2]
+    # num_stages=2: a [64, 512] latent tile is 64 KiB in bfloat16, and each pipeline stage buffers one; three
+    # stages (Triton's default) come close to an SM's 227 KiB of shared memory on Hopper (an estimate, not
+    # yet measured on a GPU). The interpreter ignores it.
     return dict(C=C, R=R, BLOCK_H=block_h, BLOCK_C=max(16, triton.next_power_of_2(C)),
-                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=q_latent.dtype == torch.float32)
+                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=q_latent.dtype == torch.float32, num_stages=2)
 
 
 def _merge(part_out, part_lse, out, num_splits: int) -> torch.Tensor:
