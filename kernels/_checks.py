@@ -17,8 +17,9 @@ def interpreting() -> bool:
 
 def check_kernel_input(name: str, x, shape: tuple | None, dtypes: tuple = FLOAT_DTYPES) -> None:
     """x: a tensor of `shape` (None in it = any size; shape None: any shape with at least one dimension), one
-    of `dtypes`, contiguous, on a device Triton can run on: a CUDA GPU, or the CPU under the interpreter. bfloat16 is refused under the interpreter, which computes
-    garbage in it (values kept as raw 16-bit integers; see shared notes on Triton on CPU)."""
+    of `dtypes`, contiguous, on a device Triton can run on: a CUDA GPU, or the CPU under the interpreter.
+    bfloat16 is refused under the interpreter, which computes garbage in it (values kept as raw 16-bit
+    integers; see the shared notes on Triton on CPU)."""
     if shape is None:
         check_tensor(name, x)
         if x.dim() == 0:
