@@ -176,9 +176,11 @@ def _experts_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tenso
     for e, rows in enumerate(x_sorted.split(counts.tolist())):  # rows: [counts[e], H]
         if rows.shape[0] == 0:
             continue
-        gate = tiled_matmul.matmul(rows, w_gate[e].t().contiguous())  # [rows, I]
-        up = tiled_matmul.matmul(rows, w_up[e].t().contiguous())
-        outs.append(tiled_matmul.matmul(F.silu(gate) * up, w_down[e].t().contiguous()))  # [rows, H]
+        # matmul step v2 (fixed tiles): v3 would autotune again for every new row count. kernels.matmul takes
+        # contiguous [K, N] operands, so each weight is copied transposed: part of this step's cost
+        gate = tiled_matmul.matmul(rows, w_gate[e].t().contiguous(), step="v2")  # [rows, I]
+        up = tiled_matmul.matmul(rows, w_up[e].t().contiguous(), step="v2")
+        outs.append(tiled_matmul.matmul(F.silu(gate) * up, w_down[e].t().contiguous(), step="v2"))  # [rows, H]
     return combine(torch.cat(outs), token_idx, sort_order, topk_weight, x.shape[0])
 
 
