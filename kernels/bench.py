@@ -130,6 +130,7 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
         lambda g: tuple(_randn(g, B, H, S, D, dtype=dtype, device=device) for _ in range(3)),
         {"v1": lambda q, k, v: fa.flash_attention(q, k, v, causal=True, step="v1", block_m=64, block_n=64),
          "v2": lambda q, k, v: fa.flash_attention(q, k, v, causal=True, step="v2", block_m=64, block_n=64),
+         "v3": lambda q, k, v: fa.flash_attention(q, k, v, causal=True, step="v3", block_m=64, block_n=64),
          "SDPA": sdpa, "refimpl eager": lambda q, k, v: fa.reference(q, k, v, causal=True),
          **maybe_compile(lambda q, k, v: fa.reference(q, k, v, causal=True))},
         lambda q, k, v: fa.reference(q, k, v, causal=True), tolerance(dtype, S, scale=2)))

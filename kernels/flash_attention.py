@@ -16,6 +16,9 @@ Ladder:
   v1: one program per (q block, batch x head); every key block is visited, the causal mask applied to each;
   v2: causal block skipping: the loop stops after the last key block any query of this block can see, so a
       causal attention does about half of v1's work (for q_len = kv_len).
+  v3: masks only where needed: the key blocks every query of the block sees in full (before the diagonal,
+      inside kv_len) run in a first loop with no mask at all; only the last few blocks (the diagonal and a
+      partial last block) pay for masked loads and the tl.where.
 """
 
 import torch
@@ -25,7 +28,7 @@ import triton.language as tl
 from kernels._checks import check_kernel_input, check_like
 from refimpl.attention import scaled_dot_product_attention
 
-STEPS = ("v1", "v2")
+STEPS = ("v1", "v2", "v3")
 
 
 @triton.jit
@@ -127,11 +130,83 @@ def flash_attention_v2_kernel(q_ptr, k_ptr, v_ptr, o_ptr, q_len, kv_len, scale,
              mask=(rows[:, None] < q_len) & (dv[None, :] < DV))
 
 
-KERNELS = {"v1": flash_attention_v1_kernel, "v2": flash_attention_v2_kernel}
+@triton.jit
+def flash_attention_v3_kernel(q_ptr, k_ptr, v_ptr, o_ptr, q_len, kv_len, scale,
+                              D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+    """As v2, with the key loop split in two: unmasked full blocks, then the masked rest."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + bh * q_len * D + rows[:, None] * D + d[None, :],
+                mask=(rows[:, None] < q_len) & (d[None, :] < D), other=0.0)
+    position = kv_len - q_len + rows
+    end_n = kv_len
+    if CAUSAL:
+        end_n = tl.minimum(kv_len, kv_len - q_len + start_m + BLOCK_M)
+    # new in v3: keys before unmasked_end are inside kv_len and visible to every query of the block
+    unmasked_end = (kv_len // BLOCK_N) * BLOCK_N  # whole blocks inside kv_len
+    if CAUSAL:
+        first_position = kv_len - q_len + start_m  # the block's first query sees keys 0 ... first_position
+        unmasked_end = tl.minimum(unmasked_end, (first_position + 1) // BLOCK_N * BLOCK_N)
+
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    for start_n in range(0, unmasked_end, BLOCK_N):  # no mask on the keys (d < D still masks a padded head)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + bh * kv_len * D + cols[None, :] * D + d[:, None], mask=d[:, None] < D, other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, k) * scale
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + bh * kv_len * DV + cols[:, None] * DV + dv[None, :], mask=dv[None, :] < DV,
+                    other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    for start_n in range(unmasked_end, end_n, BLOCK_N):  # the diagonal and a partial last block: as v2
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + bh * kv_len * D + cols[None, :] * D + d[:, None],
+                    mask=(cols[None, :] < kv_len) & (d[:, None] < D), other=0.0)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, k) * scale
+        visible = cols[None, :] < kv_len
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= position[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + bh * kv_len * DV + cols[:, None] * DV + dv[None, :],
+                    mask=(cols[:, None] < kv_len) & (dv[None, :] < DV), other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / l[:, None]
+    tl.store(o_ptr + bh * q_len * DV + rows[:, None] * DV + dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(rows[:, None] < q_len) & (dv[None, :] < DV))
+
+
+KERNELS = {"v1": flash_attention_v1_kernel, "v2": flash_attention_v2_kernel, "v3": flash_attention_v3_kernel}
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                    scale: float | None = None, step: str = "v2", block_m: int = 64,
+                    scale: float | None = None, step: str = "v3", block_m: int = 64,
                     block_n: int = 64) -> torch.Tensor:
     """softmax(q k^T * scale) v: q [batch, heads, q_len, d], k [batch, heads, kv_len, d],
     v [batch, heads, kv_len, d_v], float16/float32 (bfloat16 on a GPU), contiguous -> [batch, heads, q_len, d_v].

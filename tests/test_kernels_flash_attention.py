@@ -28,14 +28,14 @@ def test_flash_attention_matches_refimpl(step, causal, shape, dtype):
     torch.testing.assert_close(got, fa.reference(q, k, v, causal=causal), atol=tol, rtol=tol)
 
 
-def test_v2_skips_the_blocks_no_query_sees():
+def test_v2_and_v3_skip_the_blocks_no_query_sees():
     # NaN values past the first query block's positions: v1 loads them and multiplies them by probability 0
     # (0 * NaN = NaN), v2 never loads them for the first block, whose output stays finite and unchanged
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, 64, 32) for _ in range(3))
     poisoned = v.clone()
     poisoned[:, :, 32:] = float("nan")
-    for step, first_block_finite in (("v1", False), ("v2", True)):
+    for step, first_block_finite in (("v1", False), ("v2", True), ("v3", True)):
         out = fa.flash_attention(q, k, poisoned, causal=True, step=step, block_m=32, block_n=32)
         assert bool(out[:, :, :32].isfinite().all()) == first_block_finite, step
     clean = fa.flash_attention(q, k, v, causal=True, step="v2", block_m=32, block_n=32)
