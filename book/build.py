@@ -55,6 +55,20 @@ def exercise_statement(nb: dict) -> dict:
     return {**nb, "cells": cells}
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def without_widgets(nb: dict) -> dict:
+    """The lesson without its live widgets: a progress bar's display is dropped (in the book it would need the
+    widget renderer from a CDN, and its stored text is the bar's first frame, 0%); the numbers it showed are
+    printed by the lesson's own cells."""
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"] = [o for o in cell["outputs"] if WIDGET_VIEW not in o.get("data", {})]
+    nb.get("metadata", {}).pop("widgets", None)
+    return nb
+
+
 def landing_page(parts: dict[str, list[Path]], root: Path) -> str:
     """The landing page: what the book is, how to run it, and the lesson map (one row per notebook)."""
     lines = [(BOOK / "intro.md").read_text(encoding="utf-8").rstrip(), ""]
@@ -92,11 +106,9 @@ def stage(src: Path, root: Path = ROOT) -> None:
         for path in paths:
             target = src / path.relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)
-            if part == "Exercises":
-                nb = exercise_statement(json.loads(path.read_text(encoding="utf-8")))
-                target.write_text(json.dumps(nb, indent=1), encoding="utf-8")
-            else:
-                shutil.copy(path, target)
+            nb = json.loads(path.read_text(encoding="utf-8"))
+            nb = exercise_statement(nb) if part == "Exercises" else without_widgets(nb)
+            target.write_text(json.dumps(nb, indent=1), encoding="utf-8")
     (src / "_toc.yml").write_text(table_of_contents(parts, root), encoding="utf-8")
     (src / "index.md").write_text(landing_page(parts, root), encoding="utf-8")
 
