@@ -277,7 +277,10 @@ def demo_config(nodes: int, max_nodes: int) -> ModelConfig:
 
 def _init_from_environment() -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, ...): NCCL with one GPU per rank when
-    there are enough GPUs, else gloo on the CPU."""
+    there are enough GPUs, else gloo on the CPU. Exits with a usage line when not started by torchrun."""
+    if "RANK" not in os.environ:
+        raise SystemExit("python -m refimpl.expert_parallel: expected to be launched by torchrun (RANK is not set), "
+                         "e.g. torchrun --nproc-per-node 4 -m refimpl.expert_parallel")
     if torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     nodes = args.nodes or world_size
     runs = [run_demo([args.tokens_per_rank] * world_size, nodes, m, args.seed, device)
             for m in (args.max_nodes or range(1, nodes + 1))]
+    ok = True  # judged on rank 0, which prints
     if dist.get_rank() == 0:
         ok = all(run["max_abs_diff"] < 1e-4
                  and run["formula_dispatch_bytes"] == [t["dispatch_bytes"] for t in run["traffic"]]
@@ -347,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"rank {pairs}, max |EP - single| = {run['max_abs_diff']:.1e}")
             print("matches the single-process layer and the byte formula" if ok else "MISMATCH")
     dist.destroy_process_group()
+    if not ok:
+        raise SystemExit(1)  # a failed check is a failed run, for scripts and CI
 
 
 if __name__ == "__main__":

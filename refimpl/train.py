@@ -123,10 +123,9 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
         raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
     if aux_loss_alpha is None:
         aux_loss_alpha = model.config.aux_loss_alpha
-    if aux_loss_alpha < 0:
+    if not aux_loss_alpha >= 0:  # written so that NaN fails too
         raise ValueError(f"aux_loss_alpha: expected >= 0 or None, got {aux_loss_alpha!r}")
-    if bias_update_gamma < 0:
-        raise ValueError(f"bias_update_gamma: expected >= 0, got {bias_update_gamma!r}")
+    _check_gamma(bias_update_gamma)
     moe_layers = moe_layers_of(model)
     if bias_update_gamma > 0:
         _check_has_bias(moe_layers)
@@ -195,6 +194,11 @@ def _balance_loss(config: ModelConfig, moe_layers, alpha: float, batch_size: int
     return total
 
 
+def _check_gamma(bias_update_gamma: float) -> None:
+    if not bias_update_gamma >= 0:  # written so that NaN fails too
+        raise ValueError(f"bias_update_gamma: expected >= 0, got {bias_update_gamma!r}")
+
+
 def _check_has_bias(moe_layers) -> None:
     if not moe_layers:
         raise ValueError("bias_update_gamma: expected a model with MoE layers to balance, got none")
@@ -222,6 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=LESSON_STEPS)
     parser.add_argument("--gamma", type=float, default=0.0, help="bias update speed (0: no balancing)")
     args = parser.parse_args(argv)
+    try:  # before the corpus is built: a bad argument is a usage error, not a traceback
+        check_int("steps", args.steps, 1)
+        _check_gamma(args.gamma)
+    except ValueError as error:
+        parser.error(str(error))
     start = time.perf_counter()
     print(f"training tiny_config on the generated domain corpus for {args.steps} steps")
     _, log = lesson_run(args.steps, args.gamma, progress=True)

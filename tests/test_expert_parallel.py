@@ -235,3 +235,31 @@ def test_needs_an_initialized_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="torch.distributed to be initialized"):
         ExpertParallelMoE(_config(V3))
+
+
+def test_demo_without_torchrun_says_how_to_launch_it(monkeypatch):
+    from refimpl.expert_parallel import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit, match="torchrun --nproc-per-node"):
+        main([])
+    assert not dist.is_initialized()
+
+
+def test_demo_mismatch_exits_with_failure(monkeypatch, capsys):
+    """The self-checking demo fails (exit status 1) when it prints MISMATCH, so scripts and CI can see it."""
+    import refimpl.expert_parallel as ep
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    wrong = dict(max_nodes=1, max_abs_diff=1.0, traffic=[dict(dispatch_bytes=0, combine_bytes=0, expert_pairs=0)],
+                 formula_dispatch_bytes=[0], formula_combine_bytes=[0])
+    monkeypatch.setattr(ep, "run_demo", lambda *args: wrong)
+    with pytest.raises(SystemExit) as exit_info:
+        ep.main([])
+    assert exit_info.value.code == 1 and "MISMATCH" in capsys.readouterr().out
+    assert not dist.is_initialized()

@@ -133,6 +133,11 @@ def test_bad_arguments_raise(streams):
         train(model, batches(train_ids), steps=1, lr=1e-3, aux_loss_alpha=-1)
     with pytest.raises(ValueError, match="bias_update_gamma: expected >= 0, got -0.5"):
         train(model, batches(train_ids), steps=1, lr=1e-3, bias_update_gamma=-0.5)
+    # NaN is not >= 0: it must not pass silently as "balancing off"
+    with pytest.raises(ValueError, match="aux_loss_alpha: expected >= 0 or None, got nan"):
+        train(model, batches(train_ids), steps=1, lr=1e-3, aux_loss_alpha=float("nan"))
+    with pytest.raises(ValueError, match="bias_update_gamma: expected >= 0, got nan"):
+        train(model, batches(train_ids), steps=1, lr=1e-3, bias_update_gamma=float("nan"))
     with pytest.raises(ValueError, match="train_batches: ran out after 2 batches, expected steps=3"):
         train(model, list(batches(train_ids, 2)), steps=3, lr=1e-3, progress=False)
 
@@ -204,3 +209,15 @@ def test_the_dense_baseline_trains(streams):
     config = tiny_config(num_hidden_layers=2, n_routed_experts=None, kv_lora_rank=None, num_key_value_heads=2)
     log = train(DenseForCausalLM(config), batches(train_ids), steps=3, lr=3e-3, progress=False)
     assert len(log.train_loss) == 3 and log.train_loss[-1] < log.train_loss[0] and log.expert_load == []
+
+
+def test_command_line_bad_arguments_are_usage_errors(capsys):
+    """A bad --steps or --gamma ends like any argparse error (exit status 2, one line), not with a traceback."""
+    from refimpl.train import main
+
+    for argv, message in ((["--steps", "0"], "steps: expected an int >= 1, got 0"),
+                          (["--steps", "1", "--gamma", "nan"], "bias_update_gamma: expected >= 0, got nan")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
