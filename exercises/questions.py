@@ -94,7 +94,7 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator, scale: float = 0.3
 def _qkv(gen, hidden):
     b, h, d = (_pick(gen, 1, 2, 3), _pick(gen, 1, 3, 4), _pick(gen, 4, 6, 10)) if hidden else (2, 2, 8)
     s = _pick(gen, 1, 5, 9) if hidden else 4
-    t = s + (_pick(gen, 0, 3) if hidden else 0)
+    t = s + (_pick(gen, 0, 3) if hidden else 3)  # visible too: queries after a cached prefix
     return b, h, s, t, d
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from refimpl.checks import check_int, check_same_dtype_device, check_shape, check_tensor
-from refimpl.config import ModelConfig
+from refimpl.config import ModelConfig, check_config
 from refimpl.rope import RotaryEmbedding, apply_rope, softmax_scale
 
 
@@ -225,8 +225,7 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config: expected a refimpl.config.ModelConfig, got {type(config).__name__}")
+        check_config(config)
         if config.is_mla:
             raise ValueError(
                 f"config: expected a dense-attention config (kv_lora_rank None), got an MLA config "

@@ -334,6 +334,12 @@ def _normalize_rope_keys(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def check_config(config) -> None:
+    """Raise TypeError unless `config` is a ModelConfig (the one check every module's constructor runs)."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config: expected a refimpl.config.ModelConfig, got {type(config).__name__}")
+
+
 def known_configs() -> list[str]:
     """Names of the configs shipped with the course, for `load_known`."""
     return sorted(p.stem for p in KNOWN_CONFIG_DIR.glob("*.json"))

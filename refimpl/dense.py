@@ -26,7 +26,7 @@ from torch import nn
 from refimpl.attention import Attention, KVCache
 from refimpl.checkpoint import load_pretrained
 from refimpl.checks import check_token_ids
-from refimpl.config import ModelConfig
+from refimpl.config import ModelConfig, check_config
 from refimpl.generation import generate
 from refimpl.model import _init_weights
 from refimpl.moe import MLP
@@ -70,8 +70,7 @@ class DenseForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config: expected a refimpl.config.ModelConfig, got {type(config).__name__}")
+        check_config(config)
         if config.is_mla or config.is_moe:
             raise ValueError(
                 f"config: DenseForCausalLM needs a dense config (kv_lora_rank None, n_routed_experts None), got "

@@ -57,7 +57,7 @@ from torch import nn
 
 from refimpl.attention import check_attention_mask, decoder_mask, position_ids, scaled_dot_product_attention
 from refimpl.checks import check_int, check_same_dtype_device, check_shape
-from refimpl.config import ModelConfig
+from refimpl.config import ModelConfig, check_config
 from refimpl.norm import RMSNorm
 from refimpl.rope import RotaryEmbedding, apply_rope, softmax_scale
 
@@ -111,8 +111,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config: expected a refimpl.config.ModelConfig, got {type(config).__name__}")
+        check_config(config)
         if not config.is_mla:
             raise ValueError("config: expected an MLA config (kv_lora_rank set), got kv_lora_rank=None; "
                              "use refimpl.attention for dense attention")

@@ -20,7 +20,7 @@ from torch import nn
 
 from refimpl.checkpoint import load_pretrained
 from refimpl.checks import check_token_ids
-from refimpl.config import ModelConfig
+from refimpl.config import ModelConfig, check_config
 from refimpl.generation import generate
 from refimpl.mla import MLACache, MultiHeadLatentAttention
 from refimpl.moe import MLP, DeepSeekMoE, Router
@@ -66,6 +66,7 @@ class DeepSeekModel(nn.Module):
 class DeepSeekForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        check_config(config)
         if not config.is_mla:
             raise ValueError("config: DeepSeekForCausalLM needs an MLA config (kv_lora_rank set), got kv_lora_rank=None")
         self.config = config

@@ -109,3 +109,13 @@ def test_padded_batch_generates_each_prompt_as_alone(model, mode):
     assert torch.equal(out[0], model.generate(long, 7, mode=mode)[0])
     assert torch.equal(out[1, 3:], model.generate(short, 7, mode=mode)[0])
     assert not torch.equal(model.generate(ids, 7, mode=mode)[1], out[1])  # without the mask: another continuation
+
+
+@pytest.mark.parametrize("make", ["DeepSeekForCausalLM", "DenseForCausalLM"])
+def test_a_config_that_is_not_a_model_config_is_refused(make):
+    from refimpl.dense import DenseForCausalLM
+    from refimpl.model import DeepSeekForCausalLM
+
+    cls = {"DeepSeekForCausalLM": DeepSeekForCausalLM, "DenseForCausalLM": DenseForCausalLM}[make]
+    with pytest.raises(TypeError, match="config: expected a refimpl.config.ModelConfig, got dict"):
+        cls({"hidden_size": 8})
