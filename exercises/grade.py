@@ -97,20 +97,24 @@ def _hidden_ancestor(path: Path) -> Path | None:
     return None
 
 
+TEMP_DIRS = ("/tmp", "/dev/shm", "/var/tmp")  # each gets a private, empty tmpfs in the sandbox
+
+
 def _namespace_script() -> str:
     """Shell run as root in the new namespaces: private /tmp, /dev/shm, /var/tmp; hide directories other users
-    cannot enter but keep the paths Python needs inside them; then drop to uid nobody and exec Python."""
-    lines = ["set -e", "mount -t tmpfs -o size=512m,mode=1777 tmpfs /tmp"]
-    for d in ("/dev/shm", "/var/tmp"):
-        if os.path.isdir(d):
-            lines.append(f"mount -t tmpfs -o size=16m,mode=1777 tmpfs {d}")
-    keep = [(p, a) for p in _visible_paths() if (a := _hidden_ancestor(p)) is not None]
-    for i, (path, _) in enumerate(keep):
-        lines.append(f"mkdir -p /tmp/.keep/{i} && mount --bind '{path}' /tmp/.keep/{i}")
-    for ancestor in sorted({a for _, a in keep}):
+    cannot enter; keep the paths Python needs (bound aside first, so that a checkout or venv that lives under
+    /tmp, as in many CI jobs, stays visible); then drop to uid nobody and exec Python."""
+    def hidden(path: Path) -> bool:
+        return _hidden_ancestor(path) is not None or any(path.is_relative_to(d) for d in TEMP_DIRS)
+
+    keep = [p for p in _visible_paths() if hidden(p)]
+    lines = ["set -e", "mkdir -p /mnt", "mount -t tmpfs -o mode=700 tmpfs /mnt"]  # root-only holding place
+    lines += [f"mkdir -p /mnt/keep/{i} && mount --bind '{path}' /mnt/keep/{i}" for i, path in enumerate(keep)]
+    lines += [f"mount -t tmpfs -o size={'512m' if d == '/tmp' else '16m'},mode=1777 tmpfs {d}"
+              for d in TEMP_DIRS if os.path.isdir(d)]
+    for ancestor in sorted({a for p in keep if (a := _hidden_ancestor(p)) is not None}):
         lines.append(f"mount -t tmpfs -o mode=755 tmpfs '{ancestor}'")
-    for i, (path, _) in enumerate(keep):
-        lines.append(f"mkdir -p '{path}' && mount --bind /tmp/.keep/{i} '{path}'")
+    lines += [f"mkdir -p '{path}' && mount --bind /mnt/keep/{i} '{path}'" for i, path in enumerate(keep)]
     lines += [f"mkdir -p /tmp/home /tmp/work && chown {NOBODY}:{NOBODY} /tmp/home /tmp/work", "cd /tmp/work",
               f"exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --no-new-privs "
               "--inh-caps=-all --bounding-set=-all \"$@\""]
