@@ -24,7 +24,7 @@ Experts must be used evenly, or some idle while others are overloaded. Two remed
 
 `dispatch`, `run_experts` and `combine` compute the routed part the way fast implementations do: sort the
 (token, expert) pairs by expert, run each expert on one contiguous block of rows, and add the rows back to
-their tokens with their weights. The grouped-GEMM kernel in `kernels/` is checked against exactly these steps.
+their tokens with their weights. The grouped-GEMM kernel in `dskernels/` is checked against exactly these steps.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""`python -m kernels.bench --tiny` runs end to end on a CPU under Triton's interpreter (no torch.compile),
+"""`python -m dskernels.bench --tiny` runs end to end on a CPU under Triton's interpreter (no torch.compile),
 every implementation agrees with its reference, and the three result files are written. Not a timing test."""
 
 import json
 
-from kernels import bench
+from dskernels import bench
 
 
 def test_bench_tiny_runs_end_to_end(tmp_path):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import flash_attention as fa
-from kernels._checks import tolerance
+from dskernels import flash_attention as fa
+from dskernels._checks import tolerance
 
 # (batch, heads, q_len, kv_len, d, d_v): one token; lengths not multiples of the 32-blocks; fewer queries
 # than keys (bottom-right causal alignment, as decoding with a cache); a head size that is not a power of two

@@ -4,8 +4,8 @@ grows with the number of programs and loop steps)."""
 import pytest
 import torch
 
-from kernels import matmul
-from kernels._checks import tolerance
+from dskernels import matmul
+from dskernels._checks import tolerance
 
 # (M, K, N): odd sizes not multiples of the tiles, a single row, K shorter than a tile, several groups of tiles
 SHAPES = [(1, 17, 33), (100, 70, 90), (67, 130, 33), (300, 16, 40)]

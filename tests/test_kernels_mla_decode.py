@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import mla_decode as md
-from kernels._checks import tolerance
+from dskernels import mla_decode as md
+from dskernels._checks import tolerance
 
 
 def _inputs(batch, heads, kv_lora_rank, rope, max_len, dtype, seed=0):

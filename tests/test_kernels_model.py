@@ -1,11 +1,11 @@
-"""The switch `kernels.model.use_kernels`: a refimpl model generates the same tokens with the kernels inside,
+"""The switch `dskernels.model.use_kernels`: a refimpl model generates the same tokens with the kernels inside,
 under TRITON_INTERPRET=1 on a CPU."""
 
 import pytest
 import torch
 
-from kernels import mla_decode, moe, rowwise
-from kernels.model import use_kernels
+from dskernels import mla_decode, moe, rowwise
+from dskernels.model import use_kernels
 from refimpl.config import ModelConfig
 from refimpl.model import DeepSeekForCausalLM
 

@@ -4,8 +4,8 @@ under TRITON_INTERPRET=1 on a CPU."""
 import pytest
 import torch
 
-from kernels import moe
-from kernels._checks import tolerance
+from dskernels import moe
+from dskernels._checks import tolerance
 
 
 def _inputs(T, H, I, E, k, dtype, used_experts=None, seed=0):

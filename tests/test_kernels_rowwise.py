@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import rowwise
-from kernels._checks import tolerance
+from dskernels import rowwise
+from dskernels._checks import tolerance
 from refimpl.norm import rms_norm
 
 # odd widths, a width below one block, one past a power of two, a single row

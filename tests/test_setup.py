@@ -21,7 +21,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = {"refimpl", "kernels", "exercises"}
+PROJECT_PACKAGES = {"refimpl", "dskernels", "exercises"}
 NOTEBOOKS = sorted(ROOT.glob("lessons/*.ipynb")) + sorted(ROOT.glob("exercises/**/*.ipynb"))
 
 
@@ -92,9 +92,9 @@ def test_triton_is_a_linux_only_dependency():
 
 def test_importing_kernels_without_triton_says_so_in_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # what an absent package looks like to `import`
-    monkeypatch.delitem(sys.modules, "kernels", raising=False)
-    with pytest.raises(ImportError, match=r"^kernels needs Triton, which has wheels for Linux only") as error:
-        importlib.import_module("kernels")
+    monkeypatch.delitem(sys.modules, "dskernels", raising=False)
+    with pytest.raises(ImportError, match=r"^dskernels needs Triton, which has wheels for Linux only") as error:
+        importlib.import_module("dskernels")
     assert "\n" not in str(error.value)
 
 
@@ -147,8 +147,8 @@ def test_make_train_and_help(make):
         assert word in shown
 
 
-@pytest.mark.parametrize("layer, forbidden", [("refimpl", {"kernels", "lessons", "exercises", "tests"}),
-                                              ("kernels", {"lessons", "exercises", "tests"})])
+@pytest.mark.parametrize("layer, forbidden", [("refimpl", {"dskernels", "lessons", "exercises", "tests"}),
+                                              ("dskernels", {"lessons", "exercises", "tests"})])
 def test_layers_import_only_the_layers_above(layer, forbidden):
     """docs/design.md: refimpl <- kernels <- lessons, exercises; never the other way."""
     for path in sorted((ROOT / layer).rglob("*.py")):

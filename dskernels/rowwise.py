@@ -8,7 +8,7 @@ Ladder (each step a separate kernel, so that `diff` shows one idea at a time):
   softmax_v1: the whole row in one block (BLOCK >= n_cols): load once, max, exp, sum, divide, store;
   softmax_v2: rows wider than a block: loop over blocks of the row with an *online* max and sum (the running
               sum is rescaled by exp(m_old - m_new) when the max grows), then a second loop writes the result.
-              The same trick is the heart of flash attention (`kernels.flash_attention`).
+              The same trick is the heart of flash attention (`dskernels.flash_attention`).
   rmsnorm:    one block per row, y = x / sqrt(mean(x^2) + eps) * weight, statistics in float32 (`refimpl.norm`).
 """
 
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_kernel_input, check_like
+from dskernels._checks import check_kernel_input, check_like
 from refimpl.checks import check_number
 from refimpl.norm import rms_norm
 

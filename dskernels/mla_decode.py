@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_kernel_input, check_like
+from dskernels._checks import check_kernel_input, check_like
 from refimpl.attention import scaled_dot_product_attention
 from refimpl.checks import check_int, check_shape
 

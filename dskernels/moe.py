@@ -6,7 +6,7 @@ nn.Linear weights stacked: `stack_expert_weights`). The routed output is out_t =
 
 Ladder:
   v1: a Python loop over the experts: gather each expert's rows (`refimpl.moe.dispatch`), run its three
-      matrix products with `kernels.matmul` (silu * up in PyTorch), and combine. E x 3 launches, many of them
+      matrix products with `dskernels.matmul` (silu * up in PyTorch), and combine. E x 3 launches, many of them
       tiny; an expert that got no token is skipped.
   v2: one grouped GEMM over all experts per projection.
       align: sort the (token, expert) pairs by expert and pad each expert's rows to a multiple of BLOCK_M
@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels import matmul as tiled_matmul
-from kernels._checks import check_kernel_input, check_like
+from dskernels import matmul as tiled_matmul
+from dskernels._checks import check_kernel_input, check_like
 from refimpl.checks import check_int
 from refimpl.moe import MLP, combine, dispatch, run_experts
 
@@ -170,13 +170,13 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
 
 
 def _experts_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
-    """Step v1: `refimpl.moe.dispatch`, then per expert three `kernels.matmul` launches, then `combine`."""
+    """Step v1: `refimpl.moe.dispatch`, then per expert three `dskernels.matmul` launches, then `combine`."""
     x_sorted, token_idx, sort_order, counts = dispatch(x, topk_idx, w_gate.shape[0])
     outs = []
     for e, rows in enumerate(x_sorted.split(counts.tolist())):  # rows: [counts[e], H]
         if rows.shape[0] == 0:
             continue
-        # matmul step v2 (fixed tiles): v3 would autotune again for every new row count. kernels.matmul takes
+        # matmul step v2 (fixed tiles): v3 would autotune again for every new row count. dskernels.matmul takes
         # contiguous [K, N] operands, so each weight is copied transposed: part of this step's cost
         gate = tiled_matmul.matmul(rows, w_gate[e].t().contiguous(), step="v2")  # [rows, I]
         up = tiled_matmul.matmul(rows, w_up[e].t().contiguous(), step="v2")

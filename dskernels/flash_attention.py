@@ -9,7 +9,7 @@ BLOCK_N, keeping per query a running max m, a running sum l of exp(score - m) an
     l     = l   * exp(m - m_new) + rowsum(exp(S_block - m_new))
     out   = acc / l                                   (after the last block)
 
-the online softmax of `kernels.rowwise.softmax_v2`, with a matrix product folded in. Causal masking is the
+the online softmax of `dskernels.rowwise.softmax_v2`, with a matrix product folded in. Causal masking is the
 bottom-right alignment of `refimpl.attention.causal_mask`: query i sits at position kv_len - q_len + i.
 
 Ladder:
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_kernel_input, check_like
+from dskernels._checks import check_kernel_input, check_like
 from refimpl.attention import scaled_dot_product_attention
 
 STEPS = ("v1", "v2", "v3")

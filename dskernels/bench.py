@@ -1,7 +1,7 @@
-"""python -m kernels.bench: every ladder step next to PyTorch and the hardware floor, on one GPU.
+"""python -m dskernels.bench: every ladder step next to PyTorch and the hardware floor, on one GPU.
 
-    python -m kernels.bench                      # GPU, bfloat16, the issue's shapes; writes kernels/results/
-    python -m kernels.bench --tiny --out DIR     # tiny shapes, float32; on a CPU under Triton's interpreter
+    python -m dskernels.bench                      # GPU, bfloat16, the issue's shapes; writes dskernels/results/
+    python -m dskernels.bench --tiny --out DIR     # tiny shapes, float32; on a CPU under Triton's interpreter
 
 For each op, each implementation (the kernel ladder; PyTorch eager; torch.compile, SDPA or cuBLAS where they
 apply) is timed so that it cannot be gamed:
@@ -85,12 +85,12 @@ def _time_ms(fn, input_sets, device, warmup, reps) -> float:
 
 def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[Case]:
     """The ops at the issue's shapes (tiny ones with --tiny)."""
-    from kernels import flash_attention as fa
-    from kernels import matmul as mm
-    from kernels import mla_decode as md
-    from kernels import moe
-    from kernels import rowwise
-    from kernels._checks import tolerance
+    from dskernels import flash_attention as fa
+    from dskernels import matmul as mm
+    from dskernels import mla_decode as md
+    from dskernels import moe
+    from dskernels import rowwise
+    from dskernels._checks import tolerance
     from refimpl.moe import combine, dispatch
 
     size = dtype.itemsize
@@ -207,8 +207,8 @@ def _floor_ms(flops: float, nbytes: float) -> float:
 
 def _decode_tokens_per_s(tiny: bool, device: str, dtype: torch.dtype) -> list[dict]:
     """Greedy decode throughput of a DeepSeek-V2-Lite-shaped model (random weights, 4 of its 27 layers) with
-    and without `kernels.model.use_kernels`; --tiny: a 3-layer toy model."""
-    from kernels.model import use_kernels
+    and without `dskernels.model.use_kernels`; --tiny: a 3-layer toy model."""
+    from dskernels.model import use_kernels
     from refimpl.config import ModelConfig, load_known
     from refimpl.model import DeepSeekForCausalLM
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not gpu:
         if not args.tiny:
             parser.error("no CUDA GPU: the full benchmark needs one; --tiny runs under Triton's interpreter")
-        assert os.environ.get("TRITON_INTERPRET") == "1", "kernels/__init__.py sets it without a GPU"
+        assert os.environ.get("TRITON_INTERPRET") == "1", "dskernels/__init__.py sets it without a GPU"
     device = "cuda" if gpu else "cpu"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     reps = args.reps or (2 if args.tiny else 50)

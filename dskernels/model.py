@@ -1,16 +1,16 @@
 """The switch that puts the kernels into a `refimpl` model, without `refimpl` knowing about them.
 
-    from kernels.model import use_kernels
+    from dskernels.model import use_kernels
     with use_kernels(model):                 # a refimpl.model.DeepSeekForCausalLM
         tokens = model.generate(prompt, 20)  # same tokens as without the switch
 
 Inside the `with` block, three kinds of modules of the model get a kernel-backed `forward` (an attribute set on
 each module instance, removed on exit; the refimpl classes are untouched):
 
-  * every `refimpl.norm.RMSNorm`                 -> `kernels.rowwise.rmsnorm`
-  * every `refimpl.moe.DeepSeekMoE`'s experts    -> `kernels.moe.moe_experts` (router and shared experts stay)
+  * every `refimpl.norm.RMSNorm`                 -> `dskernels.rowwise.rmsnorm`
+  * every `refimpl.moe.DeepSeekMoE`'s experts    -> `dskernels.moe.moe_experts` (router and shared experts stay)
   * every `refimpl.mla.MultiHeadLatentAttention` on a decode step (one new token, a cache, the absorbed path,
-    no padding)                                  -> `kernels.mla_decode.mla_decode`; other calls (prefill,
+    no padding)                                  -> `dskernels.mla_decode.mla_decode`; other calls (prefill,
     the naive path, padded batches) run refimpl's own forward.
 
 Inference only: the kernels have no backward. The expert weights are stacked into [E, ...] tensors on entry
@@ -23,9 +23,9 @@ import contextlib
 
 import torch
 
-from kernels import mla_decode as mla_kernels
-from kernels import moe as moe_kernels
-from kernels import rowwise
+from dskernels import mla_decode as mla_kernels
+from dskernels import moe as moe_kernels
+from dskernels import rowwise
 from refimpl.attention import position_ids
 from refimpl.mla import MultiHeadLatentAttention
 from refimpl.moe import DeepSeekMoE
@@ -82,7 +82,7 @@ def use_kernels(model: torch.nn.Module, mla_step: str = "v2"):
     """Within the block, `model`'s RMSNorms, MoE experts and MLA decode steps run on the Triton kernels.
 
     model: any module holding refimpl RMSNorm / DeepSeekMoE / MultiHeadLatentAttention submodules (e.g. a
-    `refimpl.model.DeepSeekForCausalLM`). mla_step: "v1" or "v2" (`kernels.mla_decode.mla_decode`).
+    `refimpl.model.DeepSeekForCausalLM`). mla_step: "v1" or "v2" (`dskernels.mla_decode.mla_decode`).
     Raises TypeError for a model that is not a torch module, ValueError for a bad mla_step.
     """
     if not isinstance(model, torch.nn.Module):

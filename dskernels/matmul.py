@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_kernel_input, check_like, interpreting
+from dskernels._checks import check_kernel_input, check_like, interpreting
 
 STEPS = ("v1", "v2", "v3")
 

@@ -1,0 +1,33 @@
+"""Triton kernels for the course, each checked against `refimpl` (on a CPU under TRITON_INTERPRET=1).
+
+One module per family, in teaching order, each a ladder of kernels (v1, v2, ...: one optimization per step,
+every step kept), a validating entry point and a `reference` that calls refimpl:
+
+    dskernels.rowwise          softmax (one block per row; blocked online softmax) and RMSNorm
+    dskernels.matmul           tiled tl.dot matmul: naive tiles, grouped ordering, autotuned
+    dskernels.flash_attention  flash attention forward, causal or not; causal block skipping
+    dskernels.mla_decode       absorbed MLA decode over the latent cache: per head block, split-KV, paged
+    dskernels.moe              routed experts: loop over experts, aligned grouped GEMM with fused SwiGLU
+    dskernels.model            use_kernels(model): the kernels inside a refimpl model
+    dskernels.bench            python -m dskernels.bench: the GPU benchmark (--tiny runs under the interpreter)
+
+Without a CUDA GPU, importing `dskernels` sets TRITON_INTERPRET=1 (unless it is set already): Triton's
+interpreter is the only way kernels run there, and Triton reads the variable when `triton` is first imported
+and when each kernel is defined, so it must be set before both. The interpreter computes garbage in
+bfloat16, so the entry points refuse it there.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "dskernels needs Triton, which has wheels for Linux only (pip install triton); refimpl and the lessons "
+        "before the kernel ones run without it"
+    ) from error
