@@ -281,8 +281,7 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed
     The paper defines it for one sequence; for a batch we average over the sequences (as DeepSeek-V2's released
     `seq_aux` code does). With softmax scores (s' = s) this is also DeepSeek-V2's expert-level loss (eq. 23-25)
     in the per-sequence form its paper and config (`seq_aux: true`) use. Rows are tokens in [batch, seq] order
-    (row = b * seq_len + t), as DeepSeekMoE
-    flattens them. scores: [batch * seq, E], topk_idx: [batch * seq, k] -> a scalar; 0 tokens give 0.
+    (row = b * seq_len + t), as DeepSeekMoE flattens them. scores: [batch * seq, E], topk_idx: [batch * seq, k] -> a scalar; 0 tokens give 0.
     """
     _check_routing(scores, topk_idx, n_routed_experts)
     if scores.shape[0] != batch_size * seq_len:
