@@ -336,7 +336,7 @@ def fp8_config() -> ModelConfig:
     """The small DeepSeek of the FP8 experiment: lesson 11's design grown so that every K is a multiple of 128.
 
     hidden 256, q/kv latent ranks 128, 2 heads with v_head_dim 64 (o_proj's K = 128), a dense first layer
-    (intermediate 256), then DeepSeekMoE with 1 shared + 4 routed experts of width 128, top-2. ~1.4M parameters.
+    (intermediate 256), then DeepSeekMoE with 1 shared + 4 routed experts of width 128, top-2. ~1.1M parameters.
     """
     return tiny_config(hidden_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                        intermediate_size=256, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
@@ -344,18 +344,21 @@ def fp8_config() -> ModelConfig:
                        name="fp8-small")
 
 
-def training_run(recipe: Recipe, steps: int = EXPERIMENT["steps"], progress: bool = False
+def training_run(recipe: Recipe | None, steps: int = EXPERIMENT["steps"], progress: bool = False
                  ) -> tuple[DeepSeekForCausalLM, TrainLog]:
-    """`fp8_config()` trained with every decoder-layer GEMM in `recipe` (same seed, data, init for any recipe).
+    """`fp8_config()` trained with every decoder-layer GEMM in `recipe` (None: plain float32, no rounding);
+    the same seed, data and initial weights for every recipe. -> (model, refimpl.train.TrainLog).
 
-    -> (model, refimpl.train.TrainLog). The data: the lessons' generated domain corpus (`refimpl.data`).
+    The data: the lessons' generated domain corpus (`refimpl.data`); AdamW, clipping, V3's bias balancing as
+    `refimpl.train.train` does them.
     """
     e = EXPERIMENT
     corpus = make_domain_corpus(e["examples_per_domain"], seed=e["seed"])
     train_ids, val_ids = split(encode_corpus(corpus, ByteTokenizer()), 0.1)
     torch.manual_seed(e["seed"])
     model = DeepSeekForCausalLM(fp8_config())
-    convert_to_fp8(model, recipe)
+    if recipe is not None:
+        convert_to_fp8(model, recipe)
     eval_batches = list(token_batches(val_ids, e["batch_size"], e["seq_len"], seed=e["seed"] + 1,
                                       num_batches=e["eval_batches"]))
     log = train(model, token_batches(train_ids, e["batch_size"], e["seq_len"], seed=e["seed"]), steps=steps,
@@ -365,13 +368,18 @@ def training_run(recipe: Recipe, steps: int = EXPERIMENT["steps"], progress: boo
     return model, log
 
 
+# the runs of the experiment: V3's recipe, its forward alone in FP8, the bf16 baseline, and no rounding at all
+EXPERIMENT_RUNS = {"fp8": V3_RECIPE, "fp8_forward_only": Recipe(torch.float8_e4m3fn, torch.bfloat16),
+                   "bf16": BF16_RECIPE, "fp32": None}
+
+
 def run_experiment(steps: int = EXPERIMENT["steps"], progress: bool = False) -> dict:
-    """The FP8 (V3's E4M3 recipe) and bf16 runs of `training_run` at equal steps -> the log as a dict."""
+    """Every run of `EXPERIMENT_RUNS` by `training_run` at equal steps -> the log as a dict (losses, seconds)."""
     runs = {}
-    for name, recipe in (("fp8", V3_RECIPE), ("bf16", BF16_RECIPE)):
+    for name, recipe in EXPERIMENT_RUNS.items():
         model, log = training_run(recipe, steps, progress)
-        runs[name] = {"train_loss": log.train_loss, "eval_step": log.eval_step, "eval_loss": log.eval_loss,
-                      "seconds": log.seconds}
+        runs[name] = {"recipe": repr(recipe), "train_loss": log.train_loss, "eval_step": log.eval_step,
+                      "eval_loss": log.eval_loss, "seconds": log.seconds}
     return {"experiment": "refimpl.fp8.run_experiment", "config": fp8_config().name,
             "parameters": sum(p.numel() for p in model.parameters()), **EXPERIMENT,
             "steps": steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -379,7 +387,7 @@ def run_experiment(steps: int = EXPERIMENT["steps"], progress: bool = False) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m refimpl.fp8 train [--steps N] [--out FILE]`: FP8 vs bf16 training, the log as JSON."""
+    """`python -m refimpl.fp8 train [--steps N] [--out FILE]`: FP8 vs bf16 (and float32) training, as JSON."""
     parser = argparse.ArgumentParser(prog="python -m refimpl.fp8", description=main.__doc__)
     parser.add_argument("command", choices=["train"])
     parser.add_argument("--steps", type=int, default=EXPERIMENT["steps"])

@@ -197,7 +197,8 @@ def test_experiment_command_writes_its_log(tmp_path):
     fp8.main(["train", "--steps", "2", "--out", str(out)])
     log = json.loads(out.read_text())
     assert log["steps"] == 2 and log["seed"] == 0
-    for run in ("fp8", "bf16"):
+    assert set(log["runs"]) == {"fp8", "fp8_forward_only", "bf16", "fp32"}
+    for run in log["runs"]:
         assert len(log["runs"][run]["train_loss"]) == 2 and log["runs"][run]["eval_step"] == [0, 2]
     assert log["runs"]["fp8"]["train_loss"][0] == pytest.approx(log["runs"]["bf16"]["train_loss"][0], rel=0.01)
     assert log["runs"]["fp8"]["train_loss"] != log["runs"]["bf16"]["train_loss"]
