@@ -160,9 +160,10 @@ def bench_case(tiny: bool, device: str, dtype: torch.dtype):
 
     Inputs are quantized once, outside the timing, as DeepGEMM's benchmark does: the Triton ladder on the V3
     operands; torch.matmul on the same values dequantized to `dtype` (bfloat16 on a GPU); `torch._scaled_mm`
-    with one scale per row of A and per column of B (row-wise: what torch offers without block scales) where
-    the GPU has float8 tensor cores. The reference is `reference`; the tolerance covers row-wise FP8's
-    own rounding (a few percent of an element's typical size), the other implementations are much closer.
+    with one scale per row of A and per column of B (row-wise: what torch offers without block scales), on a
+    CPU or a GPU with float8 tensor cores. The reference is `reference`; elements of C are about N(0, 1), and
+    the tolerance (0.3 + 0.3 |C|) covers the largest of row-wise FP8's own rounding errors over millions of
+    elements (0.14 at the tiny shape); the other implementations are within 1e-5 (float32) or bf16's rounding.
     """
     from dskernels.bench import Case
 
@@ -180,8 +181,8 @@ def bench_case(tiny: bool, device: str, dtype: torch.dtype):
     out = dtype if torch.device(device).type == "cuda" else torch.float32
     impls = {step: (lambda *t, s=step: fp8_gemm(*t[:4], out_dtype=out, step=s, block_m=64)) for step in STEPS}
     impls["torch.matmul"] = lambda *t: t[4] @ t[5].t()
-    if torch.device(device).type == "cuda" and torch.cuda.get_device_capability() >= MIN_CAPABILITY:
+    if torch.device(device).type == "cpu" or torch.cuda.get_device_capability() >= MIN_CAPABILITY:
         impls["torch._scaled_mm (row-wise)"] = lambda *t: torch._scaled_mm(
-            t[6], t[8].t(), scale_a=t[7], scale_b=t[9].t().contiguous(), out_dtype=torch.bfloat16)
+            t[6], t[8].t(), scale_a=t[7], scale_b=t[9].t().contiguous(), out_dtype=out)
     return Case("FP8 GEMM (V3 block scales)", f"M{M} N{N} K{K}", 2 * M * N * K, M * K + N * K + 2 * M * N,
-                make_inputs, impls, lambda *t: reference(*t[:4]), tol=0.1)
+                make_inputs, impls, lambda *t: reference(*t[:4]), tol=0.3)

@@ -13,10 +13,10 @@ time; each block's partial sum is multiplied by its two scales and added to a fl
 (`block_scaled_matmul`): V3's "promotion" to CUDA cores every 128 elements, which also fixes the H800 tensor
 cores' limited accumulation precision (about 14 bits; `limited_accumulation_matmul` emulates it).
 
-On a CPU: torch has the float8 dtypes (casting to float8_e4m3fn rounds to nearest even and saturates nothing:
-we clamp to +-448 first), but `torch._scaled_mm` needs a GPU and takes no block-wise scales. So here the
-GEMM is emulated: the float8 values are cast to float32 (exactly) and multiplied block by block in float32,
-scales applied per K block. The products of two E4M3 numbers are exact in float32, so this differs from the
+On a CPU: torch has the float8 dtypes (a cast to float8_e4m3fn rounds to nearest even; we clamp to +-448
+first rather than rely on how a cast treats larger values), and `torch._scaled_mm` runs there too, but only
+with tensor-wise or row-wise scales, not V3's block-wise ones. So here the GEMM is emulated: the float8
+values are cast to float32 (exactly) and multiplied block by block in float32, scales applied per K block. The products of two E4M3 numbers are exact in float32, so this differs from the
 tensor-core GEMM only in the order of float32 additions. `dskernels.fp8_gemm` is the same product in Triton.
 
 Training (`FP8Linear`, appendix B): the three GEMMs of a linear layer all take FP8 inputs:
@@ -266,9 +266,10 @@ class FP8Linear(nn.Module):
     """A bias-free linear layer y = x W^T whose GEMMs (forward, dX, dW) take FP8 inputs (V3 appendix B).
 
     weight: [out_features, in_features] float32 master weight (its gradient float32 too). in_features must be
-    a multiple of 128 (the K of the forward GEMM); out_features and the number of tokens may be anything (where
-    they are a backward GEMM's K, the last tile is partial: as zero-padding to 128, which changes no sum). x: [..., in_features] float32 -> [...,
-    out_features] float32. recipe: the formats (`Recipe`), default V3's E4M3.
+    a multiple of 128 (the K of the forward GEMM); out_features and the number of tokens may be anything
+    (where they are a backward GEMM's K, the last tile is partial: as zero-padding to 128, which changes no
+    sum). x: [..., in_features] float32 -> [..., out_features] float32. recipe: the formats (`Recipe`),
+    default V3's E4M3.
     Raises ValueError (in_features), TypeError (x not float32).
     """
 
