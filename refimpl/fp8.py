@@ -16,8 +16,9 @@ cores' limited accumulation precision (about 14 bits; `limited_accumulation_matm
 On a CPU: torch has the float8 dtypes (a cast to float8_e4m3fn rounds to nearest even; we clamp to +-448
 first rather than rely on how a cast treats larger values), and `torch._scaled_mm` runs there too, but only
 with tensor-wise or row-wise scales, not V3's block-wise ones. So here the GEMM is emulated: the float8
-values are cast to float32 (exactly) and multiplied block by block in float32, scales applied per K block. The products of two E4M3 numbers are exact in float32, so this differs from the
-tensor-core GEMM only in the order of float32 additions. `dskernels.fp8_gemm` is the same product in Triton.
+values are cast to float32 (exactly) and multiplied block by block in float32, scales applied per K block.
+The products of two E4M3 numbers are exact in float32, so this differs from the tensor-core GEMM only in the
+order of float32 additions. `dskernels.fp8_gemm` is the same product in Triton.
 
 Training (`FP8Linear`, appendix B): the three GEMMs of a linear layer all take FP8 inputs:
 
