@@ -58,7 +58,7 @@ def test_a_changed_shipped_config_fails_lesson_3s_checked_table(tmp_path):
     output check can catch it; the same cells with the original refimpl pass (the control)."""
     lesson = nbformat.read(ROOT / "lessons" / "03_kv_cache.ipynb", as_version=4)
     code = [c for c in lesson.cells if c.cell_type == "code"]
-    table = [c for c in code if "NBVAL_CHECK_OUTPUT" in c.source and "tokens_held" in c.source]
+    table = [c for c in code if "NBVAL_CHECK_OUTPUT" in c.source and "def tokens_held" in c.source]
     assert len(table) == 1, "lesson 3: expected one checked cell with the KV-cache table"
     lesson.cells = [code[0], table[0]]  # the imports, the table
     shutil.copy(ROOT / "conftest.py", tmp_path / "conftest.py")
@@ -78,4 +78,5 @@ def test_a_changed_shipped_config_fails_lesson_3s_checked_table(tmp_path):
     result = run_pytest(tmp_path, "table.ipynb", pythonpath=changed)
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
-    assert "1 failed, 1 passed" in out and "Llama-3-8B" in out, out
+    assert "1 failed, 1 passed" in out and "Cell outputs differ" in out, out
+    assert "65.5     8,192" in out, out  # the changed row: half the KB per token
