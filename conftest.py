@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 # in the last cell's teardown. A notebook's time is the wall time from its first cell's setup to its last
 # cell's teardown. Over `notebook_time_limit` its last cell errors, naming the time; over
 # `notebooks_total_time_limit` for all notebooks together the run fails (exit status 1). The limits are ini
-# options so that tests/test_notebook_limits.py can exercise them with small values.
+# options (set in pyproject.toml) so that tests/test_notebook_limits.py can exercise them with small values.
 _notebook_started: dict[Path, float] = {}
 _notebook_seconds: dict[Path, float] = {}
 
