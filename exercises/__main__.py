@@ -47,9 +47,8 @@ def main(argv=None) -> int:
     limits = Limits(memory_mb=args.memory_mb, cell_timeout=args.cell_timeout,
                     call_timeout_scale=args.call_timeout_scale)
     reports = grade(args.assignment, args.submissions, args.out, args.seed, args.jobs, limits)
-    flagged = sum(bool(r.tampering) for r in reports)
-    print(f"graded {len(reports)} submissions in {time.monotonic() - started:.0f} s; {flagged} flagged for review; "
-          f"wrote {args.out}/summary.csv, scores.csv and <student>/results.json", file=sys.stderr)
+    print(f"graded {len(reports)} submissions in {time.monotonic() - started:.0f} s; wrote {args.out}/summary.csv, "
+          "scores.csv, ids.csv and students/<id>/results.json", file=sys.stderr)
     return 0
 
 
