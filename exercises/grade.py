@@ -49,8 +49,9 @@ def read_cells(path: Path) -> list[str]:
             and isinstance(c.get("source", ""), str)]
 
 
-def _removed(question) -> frozenset[str]:
-    return frozenset(name for name in question.forbidden if name.startswith("refimpl."))
+def _removed(question, modules: set[str]) -> frozenset[str]:
+    """The refimpl definitions the question's sandbox must not have, among the modules it gets."""
+    return frozenset(name for name in question.forbidden if any(name.startswith(m + ".") for m in modules))
 
 
 class Grader:
@@ -62,9 +63,10 @@ class Grader:
         self.isolation = sandbox.detect()
         self.cases = build_cases(assignment, seed)
         self.questions = [q for q, _ in assignment.questions]
+        self.modules = set(sandbox.closure(assignment.exercise.may_import))
         self.runtimes: dict[frozenset[str], Path] = {}
         for q in self.questions:  # one scaffold per set of deleted definitions
-            key = _removed(q) if not q.triton else frozenset()
+            key = _removed(q, self.modules) if not q.triton else frozenset()
             if key not in self.runtimes:
                 self.runtimes[key] = sandbox.build_runtime(work / f"runtime{len(self.runtimes)}",
                                                            assignment.exercise.may_import, set(key))
@@ -124,7 +126,7 @@ class Grader:
             if case.question.name in refused:
                 outcomes[i] = Outcome(failure=refused[case.question.name])
             else:
-                groups.setdefault(_removed(case.question) if not case.question.triton else None, []).append(i)
+                groups.setdefault(_removed(case.question, self.modules) if not case.question.triton else None, []).append(i)
         for key, indices in groups.items():
             init = {"mode": "kernel", "kernels": kernels} if key is None else {"mode": "cells", "cells": cells}
             runtime = self.runtimes[frozenset() if key is None else key]

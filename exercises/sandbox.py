@@ -60,7 +60,7 @@ def _refimpl_imports(tree: ast.Module) -> set[str]:
     return found
 
 
-def _closure(modules: tuple[str, ...]) -> dict[str, ast.Module]:
+def closure(modules: tuple[str, ...]) -> dict[str, ast.Module]:
     """The refimpl modules listed and every refimpl module they import, parsed."""
     trees, todo = {}, list(modules)
     while todo:
@@ -97,7 +97,7 @@ def build_runtime(folder: Path, may_import: tuple[str, ...], removed: set[str]) 
     (package / "__init__.py").write_text("")
     for name in RUNTIME_FILES:
         shutil.copyfile(Path(__file__).parent / name, package / name)
-    trees = _closure(may_import)
+    trees = closure(may_import)
     if trees:
         (folder / "refimpl").mkdir()
         (folder / "refimpl/__init__.py").write_text('"""refimpl, the scaffold a graded submission sees."""\n')
