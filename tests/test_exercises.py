@@ -188,28 +188,74 @@ def test_kernel_exercise_is_graded_on_the_kernel_alone(tmp_path):
         assert sum(t.units for t in softmax) / 10_000 == points, (name, [t.output for t in softmax])
 
 
-@pytest.mark.xfail(strict=True, reason="open: as uid nobody the sandboxed process dies at start (BrokenPipeError); "
-                   "under investigation, see the grade21 report")
-def test_grading_as_an_unprivileged_user(tmp_path):
-    """CI runs as root: grade through `setpriv` as uid nobody too (bubblewrap may fail there: then limits)."""
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+def _python_for_nobody(folder: Path) -> str:
+    """This interpreter if uid nobody can run it; else a venv of Debian's /usr/bin/python3 (same version) that
+    sees this environment's packages (a pyenv Python under /root is closed to nobody); skip (fail where CI=true)
+    when neither works."""
+    candidates = [sys.executable]
+    system = Path("/usr/bin/python3")
+    if system.exists():
+        venv = folder / "venv"
+        subprocess.run([str(system), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+        site = next(venv.glob("lib/python3*/site-packages"))
+        (site / "parent.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+        subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
+        candidates.append(str(venv / "bin/python"))
+    problems = []
+    for python in candidates:
+        again = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', 'import torch']).returncode)"
+        probe = subprocess.run(NOBODY + [python, "-c", again], capture_output=True, text=True, timeout=300)
+        if probe.returncode == 0:
+            return python
+        problems.append(f"{python}: {probe.stderr.strip()[-150:]}")
+    why = "uid nobody cannot run a Python with torch: " + "; ".join(problems)
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def test_grading_as_an_unprivileged_user():
+    """CI runs as root: grade through `setpriv` as uid nobody too (no namespaces of its own: an unprivileged
+    bubblewrap, or limits only)."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to switch to uid nobody")
-    tmp_path = Path(tempfile.mkdtemp(prefix="grade-nobody-"))  # pytest's own folder is closed to nobody
-    subs, out = tmp_path / "submissions", tmp_path / "out"
+    folder = Path(tempfile.mkdtemp(prefix="grade-nobody-"))  # pytest's own folder is closed to nobody
+    folder.chmod(0o777)
+    python = _python_for_nobody(folder)
+    subs, out = folder / "submissions", folder / "out"
     subs.mkdir()
     for case in corpus.CASES:
-        if case.file in ("honest.ipynb", "empty.ipynb"):
+        if case.file in ("honest.ipynb", "empty.ipynb", "torch_c_nn_sdpa.ipynb"):
             (subs / case.file).write_text(corpus._notebook(case.cells))
-    tmp_path.chmod(0o777)
-    subs.chmod(0o755)
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                           "exercises", "grade", "01_attention", str(subs), str(out), "--seed", "4", "--jobs", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
+    subprocess.run(["chmod", "-R", "a+rX", str(subs)], check=True)
+    done = subprocess.run(NOBODY + [python, "-m", "exercises", "grade", "01_attention", str(subs), str(out),
+                                    "--seed", "4", "--jobs", "2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HOME": str(folder), "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = _rows(out)
-    assert float(rows["honest.ipynb"]["score"]) == 10.0 and float(rows["empty.ipynb"]["score"]) == 0.0, rows
-    shutil.rmtree(tmp_path)
+    assert {name: float(row["score"]) for name, row in rows.items()} == \
+        {"honest.ipynb": 10.0, "empty.ipynb": 0.0, "torch_c_nn_sdpa.ipynb": 3.0}, rows
+    print(json.loads((out / "students/honest/results.json").read_text())["output"].splitlines()[0])
+    shutil.rmtree(folder)
+
+
+def test_limits_alone_still_hold(tmp_path, monkeypatch):
+    """Without bubblewrap and namespaces: time and memory limits still end a hang and a memory bomb."""
+    monkeypatch.setattr(grade.sandbox, "detect", lambda: grade.sandbox.Isolation("limits", "isolation: limits (test)"))
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    bomb = [corpus._sdpa_by("    hog = torch.ones(1 << 34)\n    return hog")] + corpus.REST
+    for name, cells in (("honest", corpus.HONEST), ("loop", corpus.HONEST + ["while True:\n    pass"]),
+                        ("bomb", bomb)):
+        (subs / f"{name}.ipynb").write_text(corpus._notebook(cells))
+    limits = grade.Limits(cell_timeout=5.0, call_timeout_scale=0.3)
+    reports = {r.student: r for r in grade.grade("01_attention", subs, tmp_path / "out", seed=5, jobs=2,
+                                                 limits=limits, progress=False)}
+    assert {s: r.score for s, r in reports.items()} == {"honest": 10.0, "loop": 10.0, "bomb": 6.0}
+    assert "isolation: limits (test)" in (tmp_path / "out/students/honest/results.json").read_text()
 
 
 def test_points_split_exactly():
