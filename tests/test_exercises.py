@@ -76,7 +76,8 @@ def test_solutions_score_full_and_released_notebooks_zero(released, tmp_path):
         assert reports["solution"].score == pytest.approx(reports["solution"].max_score), \
             [t for t in reports["solution"].tests if t.score < t.max_score]
         assert reports["student"].score == 0, name
-        assert "NotImplementedError" in reports["student"].tests[0].output
+        stub = "no top-level `@triton.jit def" if name == "06_kernels" else "NotImplementedError"  # no kernel yet
+        assert stub in reports["student"].tests[0].output, reports["student"].tests[0].output
         results = json.loads((tmp_path / name / "out/students/solution/results.json").read_text())
         assert sum(t["score"] for t in results["tests"]) == pytest.approx(reports["solution"].max_score)
         assert {t["visibility"] for t in results["tests"]} == {"visible", "hidden"}
