@@ -127,10 +127,10 @@ CASES = [
          FULL - SDPA_POINTS, reason="RuntimeError", klass="6"),
     Case("huge_string.ipynb", [SDPA, CACHE.replace("    end =", "    return 'x' * 4_000_000\n    end ="), DECODE],
          FULL - 3.0, reason="kv_cache_update", klass="6"),
-    Case("scores.csv.ipynb", HONEST, FULL, klass="6"),
-    Case("summary.csv.ipynb", HONEST, FULL, klass="6"),
-    Case(b"caf\xe9.ipynb", HONEST, FULL, klass="6"),
-    Case("a b.ipynb", STUBS, 0.0, klass="7"),
+    Case("scores.csv.ipynb", None, 0.0, raw=b"[]", reason="not a readable notebook", klass="6"),  # names only:
+    Case("summary.csv.ipynb", None, 0.0, raw=b"[]", reason="not a readable", klass="6"),  # no sandbox needed
+    Case(b"caf\xe9.ipynb", None, 0.0, raw=b"\xff\xfe", reason="not a readable notebook", klass="6"),
+    Case("a b.ipynb", None, 0.0, raw=b"{}", reason="not a readable notebook", klass="7"),
     Case("a_b.ipynb", HONEST, FULL, klass="7"),
     Case("=1+1.ipynb", HONEST, FULL, klass="7"),
     # breakage
