@@ -178,7 +178,8 @@ def _namespace_script(runtime: Path, hide: tuple[Path, ...]) -> str:
     covered += sorted({a for p in keep if (a := _hidden_ancestor(p)) is not None})
     lines = ["set -e", "mkdir -p /mnt", "mount -t tmpfs -o mode=700 tmpfs /mnt"]  # root-only holding place
     lines += [f"mkdir -p /mnt/keep/{i} && mount --bind '{p}' /mnt/keep/{i}" for i, p in enumerate(keep)]
-    for d in dict.fromkeys(covered):
+    covered = [d for d in dict.fromkeys(covered) if not any(d != c and d.is_relative_to(c) for c in covered)]
+    for d in covered:  # a folder inside a covered one is gone already
         size = "512m" if str(d) == "/tmp" else "16m"
         lines.append(f"mount -t tmpfs -o size={size},mode={'1777' if str(d) in TEMP_DIRS else '755'} tmpfs '{d}'")
     lines += [f"mkdir -p '{p}' && mount --bind -o ro /mnt/keep/{i} '{p}' 2>/dev/null || "

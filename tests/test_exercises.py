@@ -65,6 +65,19 @@ def test_leak_scan_finds_a_surviving_solution_line(released, tmp_path):
     assert "01_attention.ipynb: marker '# SOLUTION'" in problems  # otter's single-line form, outside a question
 
 
+@pytest.mark.parametrize("leak", ["answer = 41 + 1  # SOLUTION",  # otter's single-line form, outside a question
+                                  "# BEGIN SOLUTION\nanswer = 41 + 1\n# END SOLUTION"])  # a misplaced block
+def test_release_fails_closed(tmp_path, monkeypatch, leak):
+    source = nbformat.read(assignments.load("02_rope").path, as_version=4)
+    source.cells.insert(2, nbformat.v4.new_code_cell(leak))
+    (tmp_path / "src").mkdir()
+    nbformat.write(source, tmp_path / "src/02_rope.ipynb")
+    monkeypatch.setattr(assignments, "SOURCE_DIR", tmp_path / "src")
+    with pytest.raises(release.ReleaseError, match="answer = 41 \\+ 1|SOLUTION"):
+        release.release(["02_rope"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_solutions_score_full_and_released_notebooks_zero(released, tmp_path):
     for name in assignments.names():
         subs = tmp_path / name / "submissions"
@@ -257,6 +270,22 @@ def test_limits_alone_still_hold(tmp_path, monkeypatch):
                                                  limits=limits, progress=False)}
     assert {s: r.score for s, r in reports.items()} == {"honest": 10.0, "loop": 10.0, "bomb": 6.0}
     assert "isolation: limits (test)" in (tmp_path / "out/students/honest/results.json").read_text()
+
+
+def test_namespaces_without_bubblewrap_hide_the_files(tmp_path, monkeypatch):
+    """As root without bubblewrap: the checkout and the other submissions are not visible (class 5)."""
+    if os.geteuid() != 0:
+        pytest.skip("namespaces need root")
+    monkeypatch.setattr(grade.sandbox, "detect", lambda: grade.sandbox.Isolation("namespaces", "namespaces (test)"))
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    for case in corpus.CASES:
+        if case.file in ("honest.ipynb", "peeks_at_files.ipynb"):
+            cells = [c.replace("{subs}", str(subs)).replace("{repo}", str(REPO)) for c in case.cells]
+            (subs / case.file).write_text(corpus._notebook(cells))
+    reports = {r.student: r.score for r in grade.grade("01_attention", subs, tmp_path / "out", seed=5, jobs=2,
+                                                      progress=False)}
+    assert reports == {"honest": 10.0, "peeks_at_files": 6.0}
 
 
 def test_points_split_exactly():
