@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     gr = commands.add_parser("grade", help="grade a folder of submitted notebooks, one per student")
     gr.add_argument("assignment", choices=assignments.names())
     gr.add_argument("submissions", type=Path, help="folder with one notebook per student (file name = id)")
-    gr.add_argument("out", type=Path, help="folder for scores.csv, summary.csv and <student>/results.json")
+    gr.add_argument("out", type=Path, help="folder for summary.csv, scores.csv, ids.csv and students/<id>/results.json")
     gr.add_argument("--seed", type=int, required=True, help="draws the hidden cases (keep it private)")
     gr.add_argument("--jobs", type=int, default=None, help="submissions graded at once (default: CPU count)")
     gr.add_argument("--memory-mb", type=int, default=3072, help="address-space limit per submission")

@@ -126,7 +126,8 @@ class Grader:
             if case.question.name in refused:
                 outcomes[i] = Outcome(failure=refused[case.question.name])
             else:
-                groups.setdefault(_removed(case.question, self.modules) if not case.question.triton else None, []).append(i)
+                key = None if case.question.triton else _removed(case.question, self.modules)
+                groups.setdefault(key, []).append(i)
         for key, indices in groups.items():
             init = {"mode": "kernel", "kernels": kernels} if key is None else {"mode": "cells", "cells": cells}
             runtime = self.runtimes[frozenset() if key is None else key]

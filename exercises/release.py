@@ -39,7 +39,8 @@ class ReleaseError(Exception):
 
 def solution_lines(source: Path) -> set[str]:
     """The stripped code lines of the source notebook's solutions (`# BEGIN SOLUTION` blocks, lines ending in
-    `# SOLUTION`) that appear nowhere else in it (a kernel's signature may be both in the solution and in the statement)."""
+    `# SOLUTION`) that appear nowhere else in it (a kernel's signature may be both in the solution and in the
+    statement)."""
     secret, public, in_block = set(), set(), False
     for cell in nbformat.read(source, as_version=4).cells:
         for line in cell.source.splitlines():

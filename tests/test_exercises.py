@@ -288,6 +288,20 @@ def test_namespaces_without_bubblewrap_hide_the_files(tmp_path, monkeypatch):
     assert reports == {"honest": 10.0, "peeks_at_files": 6.0}
 
 
+def test_scaffold_lacks_what_the_questions_ask_for(tmp_path):
+    """The sandbox's refimpl for 04_moe's routing questions: no Router.forward, the rest importable."""
+    from exercises import sandbox
+    runtime = sandbox.build_runtime(tmp_path / "rt", ("refimpl.moe",), {"refimpl.moe.Router.forward",
+                                                                       "refimpl.moe.update_bias"})
+    assert sorted(p.name for p in (runtime / "refimpl").iterdir()) == ["__init__.py", "checks.py", "config.py",
+                                                                        "known_configs", "moe.py"]
+    probe = ("import torch, refimpl.moe as m\nassert not hasattr(m, 'update_bias') and hasattr(m, 'dispatch')\n"
+             "assert 'forward' not in vars(m.Router) and 'forward' in vars(m.DeepSeekMoE)")
+    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(runtime)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+
+
 def test_points_split_exactly():
     from exercises.scoring import split_points
     assert split_points(1, 3) == [3333, 3333, 3334] and sum(split_points(0.7, 6)) == 7000
