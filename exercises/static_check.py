@@ -130,6 +130,10 @@ class _Reader(ast.NodeVisitor):
             self._everything(node, f"uses `.{node.attr}`, which can reach any function unseen")
         self.visit(node.value)
 
+    def visit_Expr(self, node: ast.Expr) -> None:
+        if _literal(node.value) is None:  # a docstring or a bare string runs nothing: not read
+            self.visit(node.value)
+
     def visit_Constant(self, node: ast.Constant) -> None:
         if isinstance(node.value, str):
             self._word(node, node.value)

@@ -130,6 +130,15 @@ def test_check_says_what_is_wrong_in_plain_words():
     assert scaled_dot_product_attention(*[torch.ones(1, 1, 2, 2)] * 3).shape == (1, 1, 2, 2)  # unguarded after
 
 
+def test_check_names_the_kernel_contract():
+    """The learner's check says at once when the kernel is not the one grading launches."""
+    namespace: dict = {}
+    source = corpus.SOFTMAX_KERNEL.format(body=corpus.HONEST_SOFTMAX_BODY).replace("softmax_kernel", "my_kernel")
+    exec(compile(source, "<cell>", "exec"), namespace)
+    with pytest.raises(AssertionError, match=r"as `softmax_kernel\(x_ptr, out_ptr, n_cols, BLOCK\)`"):
+        feedback.check("softmax_rows", namespace["softmax_rows"])
+
+
 def _apt_install_bubblewrap() -> None:
     """bubblewrap, as tests/test_book.py installs Chromium: apt-get as root; otherwise skip (fail where CI=true)."""
     if shutil.which("bwrap"):
