@@ -74,9 +74,9 @@ def verdict(case: Case, outcome: Outcome) -> tuple[bool, str]:
     if reply.get("error") is not None or reply.get("error_type") is not None:
         kind = str(reply.get("error_type") or "an error")
         kind = kind if kind.isidentifier() else "an error"
-        if kind == "missing":  # the function is not defined: no input involved
-            return False, str(reply.get("error"))[:MESSAGE_CAP]
-        if case.hidden:
+        if case.hidden:  # no text of the submission's: it could quote the inputs
+            if kind == "missing":
+                return False, f"{q.name} is not defined, or not a function"
             return False, f"raised {kind} (hidden case: its message is not shown)"
         return False, f"raised {str(reply.get('error'))[:MESSAGE_CAP]}"
     canon = q.canonical or (lambda x: x)

@@ -10,7 +10,8 @@ submission controls everything there. So the grader reads the code cells here, a
 - routes around this check: computed names (`eval`, `exec`, `compile`, `__import__`, `getattr` with a name that
   is not a string literal, `importlib`, `operator.attrgetter`, `globals()`, `vars()`, double-underscore
   attributes such as `__dict__` or `__wrapped__`), frames (`sys._getframe`, `f_globals`), files and shells
-  (`open`, `os.system`, `!cmd`, other magics), pickles, C extensions, `sys.modules`, `sys.path`, and imports
+  (`open`, `numpy.fromfile`, `os.read`, `os.system`, `!cmd`, other magics), pickles, C extensions,
+  `sys.modules`, `sys.path`, and imports
   outside an allowed list (the exercise's `may_import` refimpl modules, torch, numpy, math, ...): 0 points on
   every question, since any of them can reach any function.
 
@@ -41,7 +42,10 @@ DYNAMIC_ATTRS = {"modules", "_getframe", "meta_path", "path_hooks", "settrace", 
                  "methodcaller", "import_module", "reload", "exec_module", "open", "listdir", "scandir", "walk",
                  "chdir", "dup2"}
 DYNAMIC_ATTRS |= {f"{f}{s}" for f in ("exec", "spawn") for s in ("l", "le", "lp", "lpe", "v", "ve", "vp", "vpe")}
-MODULE_ATTRS = {"sys": {"path"}}  # attributes of a module (under any alias) that are routes too
+DYNAMIC_ATTRS |= {"fromfile", "from_file", "loadtxt", "genfromtxt", "fromregex", "memmap", "open_memmap", "tofile",
+                  "save", "savez", "savetxt"}  # files by name, /proc/self/fd/N included
+MODULE_ATTRS = {"sys": {"path", "stdin", "stdout"}, "os": {"read", "write", "dup", "pipe", "openpty"}}  # under
+# any alias, or imported by name: routes too (the sandbox's protocol pipes are file descriptors)
 CODE_MAGICS = {"time", "timeit", "capture"}  # whose body (cell) or argument (line) is code, read as such
 PLAIN_MAGICS = {"matplotlib"}  # whose argument is not code
 KERNEL_BUILTINS = {"range", "float", "int", "min", "max", "len", "abs"}
@@ -111,6 +115,8 @@ class _Reader(ast.NodeVisitor):
         for alias in node.names:
             self._word(node, alias.name)
             full = f"{module}.{alias.name}"
+            if alias.name in DYNAMIC_ATTRS or alias.name in MODULE_ATTRS.get(module, ()):
+                self._everything(node, f"imports {full}, which can reach any function unseen")
             if node.level or alias.name == "*" or not (self._module_allowed(module) or
                                                        self._module_allowed(full)):
                 self._everything(node, f"imports {'.' * node.level}{full}, which graded answers may not import")

@@ -89,11 +89,11 @@ CASES = [
                                      "    wire.write(4, {'value': F.scaled_dot_product_attention(*args[:3]), "
                                      "'forbidden': [], 'launches': 1, 'tampering': []})"] + REST,
          0.0, reason="exercises.wire", klass="2"),
-    Case("protocol_raw_fds.ipynb", ["import os, io, struct, torch\n"
+    Case("protocol_raw_fds.ipynb", ["import os, torch\n"
                                     "def causal_sdpa(q, k, v):\n    return q\n"
-                                    "size = struct.unpack('<Q', os.read(3, 8))[0]\n"
-                                    "req = torch.load(io.BytesIO(os.read(3, size)), weights_only=False)\n"] + REST,
-         0.0, reason=".load", klass="2"),
+                                    "def take_over():  # answers the requests on the protocol's pipes\n"
+                                    "    os.write(4, os.read(3, 8))\n"] + REST,
+         0.0, reason=".read", klass="2"),
     # 4: library equivalents, plain and obfuscated
     Case("torch_c_nn_sdpa.ipynb", [_sdpa_by(MASKED + "    return torch._C._nn.scaled_dot_product_attention("
                                             "q, k, v, attn_mask=mask)")] + REST, FULL - SDPA_POINTS - 3.0,
@@ -111,11 +111,10 @@ CASES = [
     Case("magic_hides_route.ipynb", ["%%capture\nfrom torch.nn.functional import scaled_dot_product_attention as "
                                      "s\n" + _sdpa_by(MASKED + "    return s(q, k, v, attn_mask=mask)")] + REST,
          FULL - SDPA_POINTS - 3.0, reason="scaled_dot_product_attention", klass="4"),
-    # 5: reading the solutions or another submission (numpy reads files; the sandbox has none of them)
-    Case("peeks_at_files.ipynb", ["import numpy, torch\nseen = []\nfor path in ['{repo}/exercises/src/"
-                                  "01_attention.ipynb', '{subs}/honest.ipynb']:\n    try:\n"
-                                  "        seen.append(numpy.fromfile(path, dtype=numpy.uint8).size)\n"
-                                  "    except Exception:\n        pass\n",
+    # 5: reading the solutions or another submission (the sandbox has none of them; reading files is a route
+    # around the static check, so this one only looks)
+    Case("peeks_at_files.ipynb", ["import os, torch\nseen = [p for p in ['{repo}/exercises/src/"
+                                  "01_attention.ipynb', '{subs}/honest.ipynb'] if os.path.exists(p)]\n",
                                   SDPA.replace("    return scores", "    if not seen:\n        return q\n"
                                                "    return scores")] + REST,
          FULL - SDPA_POINTS, klass="5"),
