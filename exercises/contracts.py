@@ -60,19 +60,14 @@ CONTRACTS = {
          "out_ptr": "*fp32", "kv_len": "i32", "heads": "i32", "scale": "fp32"}, _launch_decode),
 }
 
-KERNEL_GLOBALS = ("tl", "triton")  # the only module names a graded kernel's body may use
-
-
 def define_kernel(source: str, name: str, filename: str):
     """The plain function `name` defined by `source` (one `def`, no decorator, no defaults: see
-    static_check.kernel_source), with `tl` and `triton` as its only globals; Triton reads its source back
-    through linecache."""
+    static_check.kernel_source), with `tl` as its only global; Triton reads its source back through linecache."""
     import linecache
 
-    import triton
     import triton.language as tl
 
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace = {"tl": tl, "triton": triton}
+    namespace = {"tl": tl}
     exec(compile(source, filename, "exec"), namespace)
     return namespace[name]

@@ -156,14 +156,14 @@ def grade(assignment_name: str, submissions: Path, out_dir: Path, seed: int, job
 
         def run(k: int) -> None:
             path = paths[k]
-            if path.is_file():
+            if path.is_file() and not path.is_symlink():  # a link could point at any file the grader can read
                 try:
                     reports[k] = grader.grade_one(path, ids[k])
                     return
                 except Exception as error:  # a grader bug: this file still gets its row
                     note = f"grader error: {type(error).__name__}: {error}"
             else:
-                note = "not a file: expected one .ipynb notebook per student"
+                note = "not a plain file: expected one .ipynb notebook per student"
             reports[k] = Report(ids[k], outputs.file_name(path), notes=[note])
             reports[k].tests = [Test(f"{c.question.name} ({c.label})", c.units, c.label.split()[0],
                                      output="not graded") for c in grader.cases]

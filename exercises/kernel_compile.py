@@ -5,7 +5,7 @@ grader's, with a wall-clock limit: a kernel whose compile-time loops never end c
 `triton.compile` for `GPUTarget("cuda", 90, 32)` (an H100) down to a cubin (ptxas ships in the triton wheel).
 Triton's front end refuses a kernel body that calls Python, or anything that is not Triton, so a kernel that
 compiles computes its answer in Triton. The source given is `static_check.kernel_source`'s: one plain `def`
-whose parameters and globals (`tl`, `triton`) have been checked; defining it runs none of its body.
+whose parameters and names (`tl`, its own, a few built-ins) have been checked; defining it runs none of its body.
 """
 
 from __future__ import annotations
