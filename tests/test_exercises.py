@@ -139,21 +139,26 @@ def test_check_names_the_kernel_contract():
         feedback.check("softmax_rows", namespace["softmax_rows"])
 
 
+def _unavailable(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the grader's sandbox needs bubblewrap, and CI=true requires it: {reason}")
+    pytest.skip(f"bubblewrap sandbox not tested: {reason}")
+
+
 def _apt_install_bubblewrap() -> None:
     """bubblewrap, as tests/test_book.py installs Chromium: apt-get as root; otherwise skip (fail where CI=true)."""
     if shutil.which("bwrap"):
         return
-    problem = "not root to apt-get install bubblewrap" if os.geteuid() != 0 else None
+    if os.geteuid() != 0:
+        _unavailable("no bwrap, and not root to apt-get install bubblewrap")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in ([] if problem else (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "bubblewrap"])):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "bubblewrap"]):
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            _unavailable(f"{' '.join(cmd)} failed: {error}")
         if done.returncode != 0:
-            problem = f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}"
-            break
-    if problem and os.environ.get("CI") == "true":
-        pytest.fail(f"the grader's sandbox needs bubblewrap, and CI=true requires it: {problem}")
-    if problem:
-        pytest.skip(f"bubblewrap missing: {problem}")
+            _unavailable(f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}")
 
 
 def _rows(out: Path) -> dict[str, dict]:
@@ -161,8 +166,16 @@ def _rows(out: Path) -> dict[str, dict]:
         return {row["file"]: row for row in csv.DictReader(f)}
 
 
-def test_cheat_corpus_scores_as_it_must(tmp_path):
+def test_bubblewrap_is_installed_and_used():
+    """Runs before the corpus, so that the corpus is graded in bubblewrap where it can be installed."""
     _apt_install_bubblewrap()
+    isolation = grade.sandbox.detect()
+    if isolation.kind != "bubblewrap":
+        _unavailable(isolation.description)
+
+
+def test_cheat_corpus_scores_as_it_must(tmp_path):
+    hidden_files = grade.sandbox.detect().kind != "limits"  # limits only: the files are readable (README)
     subs, out = tmp_path / "submissions", tmp_path / "out"
     subs.mkdir()
     corpus.write(subs, REPO)
@@ -181,6 +194,8 @@ def test_cheat_corpus_scores_as_it_must(tmp_path):
         assert row["score"] == f"{score:.4f}" and row["max_score"] == "10.0000"
         if case.score is None:
             assert 6.0 <= score < corpus.FULL, (case.file, row)
+        elif case.klass == "5" and not hidden_files:
+            assert score == corpus.FULL, (case.file, row)
         else:
             assert score == pytest.approx(case.score), (case.file, row)
         assert case.reason in row["reason"], (case.file, row)
