@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     gr = commands.add_parser("grade", help="grade a folder of submitted notebooks, one per student")
     gr.add_argument("assignment", choices=assignments.names())
     gr.add_argument("submissions", type=Path, help="folder with one notebook per student (file name = id)")
-    gr.add_argument("out", type=Path, help="folder for scores.csv, summary.csv and <student>/results.json")
+    gr.add_argument("out", type=Path, help="folder for summary.csv, scores.csv, ids.csv and students/<id>/results.json")
     gr.add_argument("--seed", type=int, required=True, help="draws the hidden cases (keep it private)")
     gr.add_argument("--jobs", type=int, default=None, help="submissions graded at once (default: CPU count)")
     gr.add_argument("--memory-mb", type=int, default=3072, help="address-space limit per submission")
@@ -47,9 +47,8 @@ def main(argv=None) -> int:
     limits = Limits(memory_mb=args.memory_mb, cell_timeout=args.cell_timeout,
                     call_timeout_scale=args.call_timeout_scale)
     reports = grade(args.assignment, args.submissions, args.out, args.seed, args.jobs, limits)
-    flagged = sum(bool(r.tampering) for r in reports)
-    print(f"graded {len(reports)} submissions in {time.monotonic() - started:.0f} s; {flagged} flagged for review; "
-          f"wrote {args.out}/summary.csv, scores.csv and <student>/results.json", file=sys.stderr)
+    print(f"graded {len(reports)} submissions in {time.monotonic() - started:.0f} s; wrote {args.out}/summary.csv, "
+          "scores.csv, ids.csv and students/<id>/results.json", file=sys.stderr)
     return 0
 
 

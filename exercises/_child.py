@@ -1,18 +1,22 @@
-"""The submission's side of grading: run a notebook's code cells, then call its functions on request.
+"""The sandbox's side of grading: run a notebook's cells, or launch a kernel, then answer the grader's calls.
 
-Started by `exercises.grade` inside the sandbox (`python -m exercises._child`); never imported by the grader.
-Everything the submission does (patch torch, register IPython transformers, exit, spawn processes, write files)
-happens in this process only: the grader compares the returned values in its own process and kills this one's
-whole process group (and PID namespace) when done. Requests come on stdin, replies go out on the original
-stdout; the submission's own prints go to /dev/null (stdout) and to the grader's capped stderr log.
+Started by `exercises.protocol` inside the sandbox (`python -m exercises._child`, from the sandbox's runtime
+folder); never imported by the grader. Nothing this process says is taken on trust: the grader reads back values
+only (tensors, numbers, strings, tuples) and compares them in its own process. Two modes, from the first message:
+
+- cells: the notebook's code cells run in a real IPython shell, as IPython runs them (magics included:
+  `%%time` or `%%capture` run their body and keep its definitions); a cell's error is noted and the next cell
+  runs. Then each request calls the notebook's function of that name on the grader's arguments.
+- kernel: no notebook code runs. Each request launches the kernel source the grader checked and compiled
+  (exercises.static_check, exercises.kernel_compile) through the contract's launcher (exercises.contracts),
+  under Triton's interpreter.
+
+Requests come on stdin, replies go out on the original stdout; the notebook's own prints go to /dev/null.
 """
 
 from __future__ import annotations
 
-import atexit
-import builtins
 import io
-import linecache
 import os
 import sys
 import types
@@ -24,27 +28,7 @@ os.dup2(_null, 1)
 
 import torch  # noqa: E402
 
-from exercises import guard, wire  # noqa: E402
-
-# What a tampering submission would replace to change a verdict in an in-kernel grader (here without effect).
-WATCHED = ("torch.allclose", "torch.equal", "torch.isclose", "torch.testing.assert_close", "numpy.allclose",
-           "numpy.array_equal", "numpy.testing.assert_allclose", "numpy.testing.assert_array_equal",
-           "builtins.__import__", "builtins.exec", "exercises.feedback.check", "exercises.compare.mismatch",
-           "exercises.wire.write", "__main__._call", "__main__._serve", "otter.Notebook.check")
-
-
-class _Shell:
-    """Stands in for get_ipython(): magics do nothing; registered transformers are noticed, never run."""
-
-    def __init__(self, namespace: dict):
-        self.user_ns = namespace
-        self.input_transformers_cleanup, self.input_transformers_post, self.ast_transformers = [], [], []
-        self.events = types.SimpleNamespace(register=lambda *a, **k: None, unregister=lambda *a, **k: None)
-
-    def run_line_magic(self, *args, **kwargs):
-        return None
-
-    run_cell_magic = system = getoutput = run_line_magic
+from exercises import wire  # noqa: E402
 
 
 class _Otter(types.ModuleType):
@@ -60,125 +44,114 @@ class _Otter(types.ModuleType):
         check_all = export = to_pdf = check
 
 
-def _lookup(dotted: str):
-    parts = dotted.split(".")
-    obj = sys.modules.get(parts[0])
-    for attr in parts[1:]:
-        obj = getattr(obj, attr, None)
-    return obj
-
-
-def _snapshot() -> dict:
-    for module in ("numpy.testing", "torch.testing", "exercises.feedback"):
-        __import__(module)  # imported now, so that a later import by the notebook is not a change
-    return {name: _lookup(name) for name in WATCHED}
-
-
-def _tampering(before: dict, shell: _Shell) -> list[str]:
-    found = [f"replaced {name}" for name, obj in _snapshot().items() if obj is not before[name]]
-    if shell.input_transformers_cleanup or shell.input_transformers_post or shell.ast_transformers:
-        found.append("registered IPython input or AST transformers")
-    found.extend(_exit_handlers)
-    return found
-
-
-_exit_handlers: list[str] = []
-_real_atexit_register = atexit.register
-
-
-def _atexit_register(func, *args, **kwargs):
-    frame = sys._getframe(1)
-    if frame.f_code.co_filename.startswith("<cell"):
-        _exit_handlers.append("registered an exit handler")
-    return _real_atexit_register(func, *args, **kwargs)
-
-
-def _children() -> list[str]:
-    pids = []
-    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
-        try:
-            pids += open(f"/proc/self/task/{task}/children").read().split()
-        except OSError:
-            pass
-    return pids
+def _stand_ins() -> None:
+    """`import otter` and `from exercises.feedback import check` work, and do nothing."""
+    sys.modules["otter"] = _Otter("otter")
+    feedback = types.ModuleType("exercises.feedback")
+    feedback.check = lambda *args, **kwargs: None
+    sys.modules["exercises.feedback"] = feedback
 
 
 def _plain(value, depth: int = 0):
     """What can travel back: plain tensors, numbers, strings, None, tuples; anything else as a description."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().as_subclass(torch.Tensor).clone()
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, str):
+        return value[:200]
     if isinstance(value, (tuple, list)) and depth < 3:
         return tuple(_plain(v, depth + 1) for v in value)
-    return f"<a {type(value).__module__}.{type(value).__name__} object>"
+    return f"<a {type(value).__name__} object>"[:200]
+
+
+def _error_type(error: BaseException) -> str:
+    return type(error).__name__[:80]
 
 
 def _error_text(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
+    text = f"{_error_type(error)}: {error}"
     return text if len(text) <= 500 else text[:500] + " ..."
 
 
-def _run_cells(cells: list[str], skip: set[int], namespace: dict, shell: _Shell) -> list[str]:
-    from IPython.core.inputtransformer2 import TransformerManager
+def _shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
 
-    transform = TransformerManager().transform_cell
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(config=config)
+    shell.user_ns["display"] = lambda *args, **kwargs: None
+    return shell
+
+
+def _run_cells(cells: list[str], skip: set[int]) -> tuple[dict, list[str]]:
+    shell = _shell()
     errors = []
     for i, source in enumerate(cells):
         if i in skip:
             continue
         wire.write(PROTO_OUT, {"event": "cell", "index": i})
-        filename = f"<cell {i + 1}>"
-        try:
-            code = transform(source)
-            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # for inspect / Triton
-            exec(compile(code, filename, "exec"), namespace)
-        except BaseException as error:  # SystemExit and KeyboardInterrupt too: the next cells still run
+        result = shell.run_cell(source, store_history=False, silent=False)
+        error = result.error_before_exec or result.error_in_exec
+        if error is not None:
             errors.append(f"cell {i + 1}: {_error_text(error)}")
-    return errors
+    return shell.user_ns, errors
 
 
-def _call(namespace: dict, request: dict, launches: list[int]) -> dict:
-    name = request["name"]
+def _call(fn, request: dict) -> dict:
+    args = torch.load(io.BytesIO(request["args"]), weights_only=False)  # from the grader: trusted
+    result, error, error_type = None, None, None
+    try:
+        result = fn(*args)
+    except BaseException as e:  # an answer's SystemExit or KeyboardInterrupt fails this case only
+        error, error_type = _error_text(e), _error_type(e)
+    return {"value": _plain(result), "mutated": tuple(_plain(args[i]) for i in request["mutated"]),
+            "error": error, "error_type": error_type}
+
+
+def _cells_function(namespace: dict, name: str):
     fn = namespace.get(name)
     if fn is None:
-        return {"error": f"{name} is not defined: the notebook has no function of that name"}
+        return f"{name} is not defined: the notebook has no function of that name"
     if not callable(fn):
-        return {"error": f"{name} is not a function but {type(fn).__name__}"}
-    args = torch.load(io.BytesIO(request["args"]), weights_only=False)  # from the grader: trusted
-    launches[0] = 0
-    result, error = None, None
-    with guard.watching(request["forbidden"]) as forbidden_calls:
-        try:
-            result = fn(*args)
-        except BaseException as e:  # an answer's SystemExit or KeyboardInterrupt fails this case only
-            error = _error_text(e)
-    return {"value": _plain(result), "mutated": tuple(_plain(args[i]) for i in request["mutated"]),
-            "error": error, "forbidden": list(forbidden_calls), "launches": launches[0]}
+        return f"{name} is not a function but {type(fn).__name__}"
+    return fn
+
+
+def _kernel_function(kernels: dict, name: str):
+    import triton
+
+    from exercises.contracts import CONTRACTS, define_kernel
+
+    contract = CONTRACTS[name]
+    kernel = triton.jit(define_kernel(kernels[name], contract.kernel, f"<kernel {contract.kernel}>"))
+    return lambda *args: contract.launch(kernel, *args)
 
 
 def _serve() -> None:
     init = wire.read(PROTO_IN, trusted=True)
-    sys.modules["otter"] = _Otter("otter")
-    guard.install(init["forbidden"])
-    launches = guard.triton_launches() if init["triton"] else [0]
-    namespace = {"__name__": "__main__", "__builtins__": builtins, "display": lambda *a, **k: None}
-    shell = _Shell(namespace)
-    namespace["get_ipython"] = lambda: shell
-    atexit.register = _atexit_register
-    before = _snapshot()
-    errors = _run_cells(init["cells"], set(init["skip"]), namespace, shell)
-    tampering = _tampering(before, shell)
-    if _children():
-        tampering.append("left a process running after its cells (killed with the sandbox)")
-    wire.write(PROTO_OUT, {"event": "loaded", "errors": errors, "tampering": tampering})
+    _stand_ins()
+    if init["mode"] == "cells":
+        namespace, errors = _run_cells(init["cells"], set(init["skip"]))
+        functions: dict = {}
+    else:
+        kernels, errors, functions = init["kernels"], [], {}
+    wire.write(PROTO_OUT, {"event": "loaded", "errors": errors})
     while True:
         try:
             request = wire.read(PROTO_IN, trusted=True)
         except wire.Closed:
             break
-        reply = _call(namespace, request, launches)
-        reply["tampering"] = _tampering(before, shell)
+        name = request["name"]
+        if init["mode"] == "cells":
+            fn = functions.setdefault(name, _cells_function(namespace, name))
+        else:
+            try:
+                fn = _kernel_function(kernels, name)
+            except BaseException as error:
+                fn = f"the kernel could not be defined: {_error_text(error)}"
+        reply = {"error": fn, "error_type": "missing"} if isinstance(fn, str) else _call(fn, request)
         wire.write(PROTO_OUT, reply)
     os._exit(0)  # skip the submission's exit handlers
 

@@ -8,8 +8,11 @@ cells in the student notebooks call it. Grading runs the same cases and more (hi
 
 from __future__ import annotations
 
+import inspect
+
 from exercises import guard
 from exercises.compare import describe, mismatch
+from exercises.contracts import CONTRACTS
 from exercises.questions import QUESTIONS, clone
 
 
@@ -17,6 +20,8 @@ def check(name: str, fn) -> None:
     question = QUESTIONS[name]
     if not callable(fn):
         raise AssertionError(f"{name} should be a function, got {describe(fn)}")
+    if question.triton:
+        _check_contract(name, fn)
     canon = question.canonical or (lambda x: x)
     launches = guard.triton_launches() if question.triton else [1]
     for label, args in question.cases(None):
@@ -46,3 +51,20 @@ def check(name: str, fn) -> None:
                                           question.atol, question.rtol)
         if problem:
             raise AssertionError(f"{where}: {problem}")
+
+
+def _check_contract(name: str, fn) -> None:
+    """Grading launches the kernel itself (exercises.contracts): say now if it is missing or differs."""
+    contract = CONTRACTS[name]
+    kernel = getattr(fn, "__globals__", {}).get(contract.kernel)
+    wanted = f"`{contract.kernel}({', '.join(contract.params)})`"
+    if kernel is None:
+        raise AssertionError(f"grading launches your kernel itself, as {wanted}: define a @triton.jit function "
+                             f"with that name next to {name}")
+    try:
+        params = tuple(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    except (TypeError, ValueError):
+        params = ()
+    if params != contract.params:
+        raise AssertionError(f"grading launches {contract.kernel} itself, as {wanted}; yours takes "
+                             f"({', '.join(params)})")

@@ -1,5 +1,9 @@
 """The exercises' test cases: how to draw inputs, what refimpl answers, and what an answer may not call.
 
+Registration, one place per exercise (see `EXERCISES` at the end): its questions (each a `Question` with its
+hidden-case generator and reference), and the refimpl modules its sandbox may import. A new exercise
+`NN_topic` adds its `Question`s to `QUESTIONS`, one `Exercise` entry, and its source notebook `src/NN_topic.ipynb`.
+
 Each `Question` is one function a learner writes (its name is the function's name and otter's question name).
 Visible cases are drawn from a fixed seed and are what `check(...)` runs in the notebook; hidden cases are drawn
 at grade time from the instructor's seed, with other (often awkward) sizes, so that this public file does not
@@ -20,7 +24,13 @@ from refimpl.attention import decoder_mask
 from refimpl.config import ModelConfig, load_known
 from refimpl.mla import MultiHeadLatentAttention
 
-# What every kernel exercise may not call instead of launching its own Triton kernel.
+# Library routes to a question's job, as regular expressions over every identifier, attribute, imported name and
+# string constant of a submission (exercises.static_check): attention in torch under any of its names ...
+ATTENTION_ROUTES = (r"scaled_dot_product", r"multi_?head_?attention", r"flash_attention", r"efficient_attention",
+                    r"_fused_sdp", r"^Transformer", r"sdp_kernel")
+SOFTMAX_ROUTES = (r"softmax", r"softmin")  # ... and a kernel body's library softmax (tl.softmax)
+ROPE_ROUTES = (r"apply_rotary", r"rotary_pos_emb")
+# What every kernel exercise may not call instead of launching its own Triton kernel (the learner's check).
 SOFTMAX_EQUIVALENTS = ("torch.softmax", "torch.nn.functional.softmax", "torch.Tensor.softmax",
                        "torch.special.softmax", "torch._softmax")
 SDPA_EQUIVALENTS = ("refimpl.attention.scaled_dot_product_attention",
@@ -38,7 +48,8 @@ class Question:
     canonical: Callable[[object], object] | None = None  # applied to answer and expected before comparing
     atol: float = 1e-5
     rtol: float = 1e-4
-    triton: bool = False  # must launch a Triton kernel
+    triton: bool = False  # must launch a Triton kernel (graded through its contract: exercises.contracts)
+    routes: tuple[str, ...] = ()  # library routes to this question's job (regexes, see ATTENTION_ROUTES)
     n_visible: int = 2
     n_hidden: int = 3
     call_timeout: float = 10.0  # seconds per call when graded
@@ -352,17 +363,20 @@ def _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale):
 
 # ---------------------------------------------------------------------------------------------------- registry
 QUESTIONS = {q.name: q for q in [
-    Question("causal_sdpa", ("q", "k", "v"), _sdpa_args, _sdpa_ref, SDPA_EQUIVALENTS),
+    Question("causal_sdpa", ("q", "k", "v"), _sdpa_args, _sdpa_ref, SDPA_EQUIVALENTS, routes=ATTENTION_ROUTES),
     Question("kv_cache_update", ("cache_k", "cache_v", "k_new", "v_new", "start_pos"), _cache_args, _cache_ref,
              ("refimpl.attention.KVCache.update",), mutated_args=(0, 1)),
     Question("decode_step", ("q", "k_new", "v_new", "cache_k", "cache_v", "pos"), _decode_args, _decode_ref,
-             ("refimpl.attention.KVCache.update",) + SDPA_EQUIVALENTS, mutated_args=(3, 4)),
-    Question("rope_interleaved", ("x", "cos", "sin"), _rope_args, _rope_ref, ("refimpl.rope.apply_rope",)),
+             ("refimpl.attention.KVCache.update",) + SDPA_EQUIVALENTS, mutated_args=(3, 4),
+             routes=ATTENTION_ROUTES),
+    Question("rope_interleaved", ("x", "cos", "sin"), _rope_args, _rope_ref, ("refimpl.rope.apply_rope",),
+             routes=ROPE_ROUTES),
     Question("mla_latents", ("attn", "hidden_states", "start_pos"), _mla_latents_args, _mla_latents_ref,
-             MLA_FORBIDDEN),
-    Question("mla_decompress", ("attn", "c_kv"), _mla_decompress_args, _mla_decompress_ref, MLA_FORBIDDEN),
+             MLA_FORBIDDEN, routes=ROPE_ROUTES),
+    Question("mla_decompress", ("attn", "c_kv"), _mla_decompress_args, _mla_decompress_ref, MLA_FORBIDDEN,
+             routes=ATTENTION_ROUTES),
     Question("mla_absorbed", ("attn", "q_nope", "q_pe", "c_kv", "k_pe"), _mla_absorbed_args, _mla_absorbed_ref,
-             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3),
+             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES),
     Question("route_topk", ("gate", "x"), _route_args, _route_ref,
              ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert),
     Question("route_group_limited", ("gate", "x"), _group_route_args, _route_ref,
@@ -375,10 +389,10 @@ QUESTIONS = {q.name: q for q in [
              ACCOUNTING_FORBIDDEN),
     Question("activated_params", ("config",), _config_args, _activated_ref, ACCOUNTING_FORBIDDEN),
     Question("softmax_rows", ("x",), _softmax_args, _softmax_ref, SOFTMAX_EQUIVALENTS, triton=True,
-             atol=1e-6, rtol=1e-5, call_timeout=60.0),
+             atol=1e-6, rtol=1e-5, call_timeout=60.0, routes=SOFTMAX_ROUTES),
     Question("mla_decode_block", ("q_latent", "q_pe", "c_kv", "k_pe", "scale"), _decode_block_args,
              _decode_block_ref, SOFTMAX_EQUIVALENTS + SDPA_EQUIVALENTS, triton=True, atol=1e-5, rtol=1e-4,
-             call_timeout=60.0),
+             call_timeout=60.0, routes=SOFTMAX_ROUTES + ATTENTION_ROUTES),
 ]}
 
 
@@ -427,3 +441,28 @@ QUESTIONS.update({q.name: q for q in [
     Question("block_scaled_matmul", ("a_q", "a_scale", "b_q", "b_scale"), _block_scaled_args, _block_scaled_ref,
              FP8_FORBIDDEN, atol=1e-3, rtol=1e-4),
 ]})
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise notebook's registration: the questions it may declare, and what its sandbox may import.
+
+    `may_import`: the refimpl modules that the graded submission's sandbox gets (with the refimpl modules they
+    import), as a scaffold without the definitions its questions' `forbidden` lists name (exercises.sandbox);
+    every other refimpl module, `dskernels` and `exercises` (but `exercises.feedback`) are absent there, and
+    a submission importing them loses every point (exercises.static_check).
+    """
+
+    questions: tuple[str, ...]
+    may_import: tuple[str, ...] = ()
+
+
+EXERCISES = {
+    "01_attention": Exercise(("causal_sdpa", "kv_cache_update", "decode_step")),
+    "02_rope": Exercise(("rope_interleaved",), ("refimpl.rope",)),
+    "03_mla": Exercise(("mla_latents", "mla_decompress", "mla_absorbed"), ("refimpl.config", "refimpl.mla")),
+    "04_moe": Exercise(("route_topk", "route_group_limited", "moe_forward", "update_bias"), ("refimpl.moe",)),
+    "05_accounting": Exercise(("kv_bytes_per_token", "activated_params"), ("refimpl.config",)),
+    "06_kernels": Exercise(("softmax_rows", "mla_decode_block")),
+    "08_fp8": Exercise(("quantize_1x128", "block_scaled_matmul")),
+}

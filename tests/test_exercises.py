@@ -9,8 +9,10 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -24,11 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 corpus_spec = importlib.util.spec_from_file_location("grading_corpus", REPO / "tests/grading_corpus/corpus.py")
 corpus = sys.modules["grading_corpus"] = importlib.util.module_from_spec(corpus_spec)
 corpus_spec.loader.exec_module(corpus)
-
-
-def _summary(out: Path) -> dict[str, dict]:
-    with open(out / "summary.csv") as f:
-        return {row["student"]: row for row in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +54,7 @@ def test_leak_scan_finds_a_surviving_solution_line(released, tmp_path):
     source = assignments.load("01_attention").path
     secret = sorted(release.solution_lines(source))[0]
     notebook = nbformat.read(released / "01_attention.ipynb", as_version=4)
-    notebook.cells.append(nbformat.v4.new_code_cell(f"# kept by mistake\n{secret}"))
+    notebook.cells.append(nbformat.v4.new_code_cell(f"# kept by mistake\n{secret}\nanswer = 42  # SOLUTION"))
     nbformat.write(notebook, tmp_path / "01_attention.ipynb")
     import zipfile
     with zipfile.ZipFile(tmp_path / "bundle.zip", "w") as z:
@@ -65,6 +62,20 @@ def test_leak_scan_finds_a_surviving_solution_line(released, tmp_path):
     problems = release.find_leaks(tmp_path, [source])
     assert any(p.startswith("01_attention.ipynb: solution text") for p in problems)
     assert any(p.startswith("bundle.zip:inner/solution.py: solution text") for p in problems)
+    assert "01_attention.ipynb: marker '# SOLUTION'" in problems  # otter's single-line form, outside a question
+
+
+@pytest.mark.parametrize("leak", ["answer = 41 + 1  # SOLUTION",  # otter's single-line form, outside a question
+                                  "# BEGIN SOLUTION\nanswer = 41 + 1\n# END SOLUTION"])  # a misplaced block
+def test_release_fails_closed(tmp_path, monkeypatch, leak):
+    source = nbformat.read(assignments.load("02_rope").path, as_version=4)
+    source.cells.insert(2, nbformat.v4.new_code_cell(leak))
+    (tmp_path / "src").mkdir()
+    nbformat.write(source, tmp_path / "src/02_rope.ipynb")
+    monkeypatch.setattr(assignments, "SOURCE_DIR", tmp_path / "src")
+    with pytest.raises(release.ReleaseError, match="answer = 41 \\+ 1|SOLUTION"):
+        release.release(["02_rope"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_solutions_score_full_and_released_notebooks_zero(released, tmp_path):
@@ -78,9 +89,9 @@ def test_solutions_score_full_and_released_notebooks_zero(released, tmp_path):
         assert reports["solution"].score == pytest.approx(reports["solution"].max_score), \
             [t for t in reports["solution"].tests if t.score < t.max_score]
         assert reports["student"].score == 0, name
-        assert "NotImplementedError" in reports["student"].tests[0].output
-        assert not reports["solution"].tampering and not reports["student"].tampering
-        results = json.loads((tmp_path / name / "out/solution/results.json").read_text())
+        stub = "no top-level `@triton.jit def" if name == "06_kernels" else "NotImplementedError"  # no kernel yet
+        assert stub in reports["student"].tests[0].output, reports["student"].tests[0].output
+        results = json.loads((tmp_path / name / "out/students/solution/results.json").read_text())
         assert sum(t["score"] for t in results["tests"]) == pytest.approx(reports["solution"].max_score)
         assert {t["visibility"] for t in results["tests"]} == {"visible", "hidden"}
 
@@ -119,57 +130,204 @@ def test_check_says_what_is_wrong_in_plain_words():
     assert scaled_dot_product_attention(*[torch.ones(1, 1, 2, 2)] * 3).shape == (1, 1, 2, 2)  # unguarded after
 
 
-def _leftover_processes(marker: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+def test_check_names_the_kernel_contract():
+    """The learner's check says at once when the kernel is not the one grading launches."""
+    namespace: dict = {}
+    source = corpus.SOFTMAX_KERNEL.format(body=corpus.HONEST_SOFTMAX_BODY).replace("softmax_kernel", "my_kernel")
+    exec(compile(source, "<cell>", "exec"), namespace)
+    with pytest.raises(AssertionError, match=r"as `softmax_kernel\(x_ptr, out_ptr, n_cols, BLOCK\)`"):
+        feedback.check("softmax_rows", namespace["softmax_rows"])
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the grader's sandbox needs bubblewrap, and CI=true requires it: {reason}")
+    pytest.skip(f"bubblewrap sandbox not tested: {reason}")
+
+
+def _apt_install_bubblewrap() -> None:
+    """bubblewrap, as tests/test_book.py installs Chromium: apt-get as root; otherwise skip (fail where CI=true)."""
+    if shutil.which("bwrap"):
+        return
+    if os.geteuid() != 0:
+        _unavailable("no bwrap, and not root to apt-get install bubblewrap")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "bubblewrap"]):
         try:
-            if marker in open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"):
-                found.append(pid)
-        except OSError:
-            pass
-    return found
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            _unavailable(f"{' '.join(cmd)} failed: {error}")
+        if done.returncode != 0:
+            _unavailable(f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}")
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    with open(out / "summary.csv", encoding="utf-8") as f:
+        return {row["file"]: row for row in csv.DictReader(f)}
+
+
+def test_bubblewrap_is_installed_and_used():
+    """Runs before the corpus, so that the corpus is graded in bubblewrap where it can be installed."""
+    _apt_install_bubblewrap()
+    isolation = grade.sandbox.detect()
+    if isolation.kind != "bubblewrap":
+        _unavailable(isolation.description)
 
 
 def test_cheat_corpus_scores_as_it_must(tmp_path):
+    hidden_files = grade.sandbox.detect().kind != "limits"  # limits only: the files are readable (README)
     subs, out = tmp_path / "submissions", tmp_path / "out"
     subs.mkdir()
-    corpus.write(subs, out)
+    corpus.write(subs, REPO)
     honest_bytes = (subs / "honest.ipynb").read_bytes()
-    limits = grade.Limits(cell_timeout=5.0, call_timeout_scale=0.3, memory_mb=3072)
+    limits = grade.Limits(cell_timeout=5.0, call_timeout_scale=0.3)
     grade.grade("01_attention", subs, out, seed=5, jobs=2, limits=limits, progress=False)
-    rows = _summary(out)
-    assert sorted(rows) == sorted(c.id for c in corpus.CASES)  # every input file has a row
+    rows = _rows(out)
+    assert len(rows) == len(corpus.CASES) == len(list(subs.iterdir()))  # every input file has a row
+    ids = {row["student"] for row in rows.values()}
+    assert len(ids) == len(rows) and "a_b" in ids and any(i.startswith("a_b-") for i in ids)
     for case in corpus.CASES:
-        row = rows[case.id]
-        score, flag = float(row["score"]), row["flagged"]
+        name = case.file if isinstance(case.file, str) else \
+            case.file.decode("utf-8", "surrogateescape").encode("utf-8", "backslashreplace").decode()
+        row = rows["'" + name if name.startswith("=") else name]
+        score = float(row["score"])
+        assert row["score"] == f"{score:.4f}" and row["max_score"] == "10.0000"
         if case.score is None:
-            assert 6.0 <= score < corpus.FULL, (case.student, row)
+            assert 6.0 <= score < corpus.FULL, (case.file, row)
+        elif case.klass == "5" and not hidden_files:
+            assert score == corpus.FULL, (case.file, row)
         else:
-            assert score == pytest.approx(case.score), (case.student, row)
-        assert bool(flag) == case.flagged, (case.student, row)
-        assert case.reason in row["reason"] + flag, (case.student, row)
-        results = json.loads((out / case.id / "results.json").read_text())
+            assert score == pytest.approx(case.score), (case.file, row)
+        assert case.reason in row["reason"], (case.file, row)
+        student = row["student"].lstrip("'")
+        results = json.loads((out / "students" / student / "results.json").read_text())
         assert sum(t["score"] for t in results["tests"]) == pytest.approx(score)
+        for t in results["tests"]:  # hidden cases: no input, no value, no message of the submission's
+            if t["visibility"] == "hidden":
+                assert "tensor" not in t["output"] and "my inputs" not in t["output"] and "caf" not in t["output"]
     assert (subs / "honest.ipynb").read_bytes() == honest_bytes
-    assert not _leftover_processes("echo tampered")
-    assert "tampered" not in (REPO / "exercises/questions.py").read_text()
+    assert all(len(line) < 20_000 for line in (out / "scores.csv").read_text().splitlines())
+    assert not any(line.split(",")[0].startswith(("=", "+", "@")) for line in
+                   (out / "summary.csv").read_text().splitlines())
+    assert "caf\\udce9" in (out / "scores.csv").read_text()  # the lone surrogate, escaped
+    with open(out / "ids.csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == len(corpus.CASES)
 
 
-def test_without_namespaces_limits_still_hold(tmp_path, monkeypatch):
-    monkeypatch.setattr(grade, "_isolation", lambda: (None, "isolation: none (test)"))
+def test_kernel_exercise_is_graded_on_the_kernel_alone(tmp_path):
+    """Class 3: torch plus an empty kernel, tl.softmax, a Python call in the kernel: 0; an honest kernel: 4."""
     subs = tmp_path / "submissions"
     subs.mkdir()
-    corpus.write(subs, tmp_path / "out")
-    keep = {"honest.ipynb", "loop_top_level.ipynb", "memory_bomb_in_answer.ipynb"}
-    for path in subs.iterdir():
-        if path.name not in keep:
-            path.unlink()
+    corpus.write_kernels(subs)
+    reports = {r.file: r for r in grade.grade("06_kernels", subs, tmp_path / "out", seed=3, jobs=2,
+                                              progress=False)}
+    for name, (_, points) in corpus.KERNEL_CASES.items():
+        softmax = [t for t in reports[name].tests if t.name.startswith("softmax_rows")]
+        assert sum(t.units for t in softmax) / 10_000 == points, (name, [t.output for t in softmax])
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+def _python_for_nobody(folder: Path) -> str:
+    """This interpreter if uid nobody can run it; else a venv of Debian's /usr/bin/python3 (same version) that
+    sees this environment's packages (a pyenv Python under /root is closed to nobody); skip (fail where CI=true)
+    when neither works."""
+    candidates = [sys.executable]
+    system = Path("/usr/bin/python3")
+    if system.exists():
+        venv = folder / "venv"
+        subprocess.run([str(system), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+        site = next(venv.glob("lib/python3*/site-packages"))
+        (site / "parent.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+        subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True)
+        candidates.append(str(venv / "bin/python"))
+    problems = []
+    for python in candidates:
+        again = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', 'import torch']).returncode)"
+        probe = subprocess.run(NOBODY + [python, "-c", again], capture_output=True, text=True, timeout=300)
+        if probe.returncode == 0:
+            return python
+        problems.append(f"{python}: {probe.stderr.strip()[-150:]}")
+    why = "uid nobody cannot run a Python with torch: " + "; ".join(problems)
+    if os.environ.get("CI") == "true":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def test_grading_as_an_unprivileged_user():
+    """CI runs as root: grade through `setpriv` as uid nobody too (no namespaces of its own: an unprivileged
+    bubblewrap, or limits only)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to switch to uid nobody")
+    folder = Path(tempfile.mkdtemp(prefix="grade-nobody-"))  # pytest's own folder is closed to nobody
+    folder.chmod(0o777)
+    python = _python_for_nobody(folder)
+    subs, out = folder / "submissions", folder / "out"
+    subs.mkdir()
+    for case in corpus.CASES:
+        if case.file in ("honest.ipynb", "torch_c_nn_sdpa.ipynb"):
+            (subs / case.file).write_text(corpus._notebook(case.cells))
+    subprocess.run(["chmod", "-R", "a+rX", str(subs)], check=True)
+    done = subprocess.run(NOBODY + [python, "-m", "exercises", "grade", "01_attention", str(subs), str(out),
+                                    "--seed", "4", "--jobs", "2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HOME": str(folder), "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = _rows(out)
+    assert {name: float(row["score"]) for name, row in rows.items()} == \
+        {"honest.ipynb": 10.0, "torch_c_nn_sdpa.ipynb": 3.0}, rows
+    print(json.loads((out / "students/honest/results.json").read_text())["output"].splitlines()[0])
+    shutil.rmtree(folder)
+
+
+def test_limits_alone_still_hold(tmp_path, monkeypatch):
+    """Without bubblewrap and namespaces: time and memory limits still end a hanging cell and a memory bomb."""
+    monkeypatch.setattr(grade.sandbox, "detect", lambda: grade.sandbox.Isolation("limits", "isolation: limits (test)"))
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    bomb = [corpus._sdpa_by("    hog = torch.ones(1 << 34)\n    return hog")] + corpus.REST
+    for name, cells in (("honest", corpus.HONEST + ["while True:\n    pass"]), ("bomb", bomb)):
+        (subs / f"{name}.ipynb").write_text(corpus._notebook(cells))
     limits = grade.Limits(cell_timeout=5.0, call_timeout_scale=0.3)
-    grade.grade("01_attention", subs, tmp_path / "out", seed=5, jobs=2, limits=limits, progress=False)
-    rows = _summary(tmp_path / "out")
-    expected = {c.student: c.score for c in corpus.CASES if f"{c.student}.ipynb" in keep}
-    assert {s: float(r["score"]) for s, r in rows.items()} == pytest.approx(expected)
-    assert "isolation: none (test)" in json.loads((tmp_path / "out/honest/results.json").read_text())["output"]
+    reports = {r.student: r for r in grade.grade("01_attention", subs, tmp_path / "out", seed=5, jobs=2,
+                                                 limits=limits, progress=False)}
+    assert {s: r.score for s, r in reports.items()} == {"honest": 10.0, "bomb": 6.0}
+    assert "isolation: limits (test)" in (tmp_path / "out/students/honest/results.json").read_text()
+
+
+def test_namespaces_without_bubblewrap_hide_the_files(tmp_path, monkeypatch):
+    """As root without bubblewrap: the checkout and the other submissions are not visible (class 5)."""
+    if os.geteuid() != 0:
+        pytest.skip("namespaces need root")
+    monkeypatch.setattr(grade.sandbox, "detect", lambda: grade.sandbox.Isolation("namespaces", "namespaces (test)"))
+    subs = tmp_path / "submissions"
+    subs.mkdir()
+    for case in corpus.CASES:
+        if case.file in ("honest.ipynb", "peeks_at_files.ipynb"):
+            cells = [c.replace("{subs}", str(subs)).replace("{repo}", str(REPO)) for c in case.cells]
+            (subs / case.file).write_text(corpus._notebook(cells))
+    reports = {r.student: r.score for r in grade.grade("01_attention", subs, tmp_path / "out", seed=5, jobs=2,
+                                                      progress=False)}
+    assert reports == {"honest": 10.0, "peeks_at_files": 6.0}
+
+
+def test_scaffold_lacks_what_the_questions_ask_for(tmp_path):
+    """The sandbox's refimpl for 04_moe's routing questions: no Router.forward, the rest importable."""
+    from exercises import sandbox
+    runtime = sandbox.build_runtime(tmp_path / "rt", ("refimpl.moe",), {"refimpl.moe.Router.forward",
+                                                                       "refimpl.moe.update_bias"})
+    assert sorted(p.name for p in (runtime / "refimpl").iterdir()) == ["__init__.py", "checks.py", "config.py",
+                                                                        "known_configs", "moe.py"]
+    probe = ("import torch, refimpl.moe as m\nassert not hasattr(m, 'update_bias') and hasattr(m, 'dispatch')\n"
+             "assert 'forward' not in vars(m.Router) and 'forward' in vars(m.DeepSeekMoE)")
+    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(runtime)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+
+
+def test_points_split_exactly():
+    from exercises.scoring import split_points
+    assert split_points(1, 3) == [3333, 3333, 3334] and sum(split_points(0.7, 6)) == 7000
 
 
 def test_pytest_collects_only_the_source_notebooks(tmp_path):
@@ -184,26 +342,6 @@ def test_pytest_collects_only_the_source_notebooks(tmp_path):
         probe.unlink()
     notebooks = {line.split("::")[0] for line in done.stdout.splitlines() if ".ipynb" in line}
     assert notebooks == {f"exercises/src/{n}.ipynb" for n in assignments.names()}, done.stdout[-2000:]
-
-
-def test_kernel_exercises_need_a_triton_kernel(tmp_path):
-    softmax_by_torch = "import torch\n\ndef softmax_rows(x):\n    return torch.softmax(x, dim=-1)\n"
-    softmax_by_exp = ("import torch\n\ndef softmax_rows(x):\n    e = (x - x.max(-1, keepdim=True).values).exp()\n"
-                      "    return e / e.sum(-1, keepdim=True)\n")
-    with pytest.raises(AssertionError, match="launched no Triton kernel"):
-        namespace = {}
-        exec(softmax_by_exp, namespace)
-        feedback.check("softmax_rows", namespace["softmax_rows"])
-    subs = tmp_path / "submissions"
-    subs.mkdir()
-    for name, source in (("by_torch", softmax_by_torch), ("by_exp", softmax_by_exp)):
-        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), subs / f"{name}.ipynb")
-    reports = {r.student: r for r in grade.grade("06_kernels", subs, tmp_path / "out", seed=3, jobs=2,
-                                                 progress=False)}
-    for student, reason in (("by_torch", "calls torch.softmax"), ("by_exp", "launched no Triton kernel")):
-        softmax = [t for t in reports[student].tests if t.name.startswith("softmax_rows")]
-        assert all(t.score == 0 and reason in t.output for t in softmax), (student, softmax)
-        assert reports[student].score == 0
 
 
 def test_released_notebook_check_cell_explains_then_passes(released, tmp_path):
@@ -225,4 +363,4 @@ def test_released_notebook_check_cell_explains_then_passes(released, tmp_path):
     checks = ["".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in c.outputs)
               for c in notebook.cells if c.cell_type == "code" and "grader.check" in c.source]
     assert "the result is wrong at index" in checks[0] and "visible 1 case" in checks[0], checks[0]
-    assert "All test cases passed" in checks[1], checks[1]
+    assert "visible cases ran here, and they passed" in checks[1] and "hidden cases" in checks[1], checks[1]

@@ -1,0 +1,90 @@
+"""Test cases, their points, and the verdict on each: all in the grader's process, from data only.
+
+Points are kept in integer units of 1/10,000 so that totals are exact for any split: a question's points go in
+equal parts to its cases, the remainder to the last case (a 1-point question over 3 cases: 0.3333, 0.3333,
+0.3334). A verdict rests on the values the sandbox sent back (compared with refimpl's answer here), on the static
+check of the submission's source and, for kernels, on the grader's own compile: never on what the submission's
+process says about itself. A hidden case's message names no input and no value: its inputs are drawn from the
+instructor's seed, and results.json is the student's to see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exercises import assignments
+from exercises.compare import mismatch
+from exercises.protocol import Outcome
+from exercises.questions import Question
+
+UNITS = 10_000  # point units per point: scores are exact to 4 decimals
+MESSAGE_CAP = 2000  # characters of any one message
+
+
+@dataclass
+class Case:
+    question: Question
+    label: str  # "visible 1", "hidden 2"
+    args: tuple
+    expected: object
+    expected_mutated: tuple
+    units: int  # points x UNITS
+
+    @property
+    def hidden(self) -> bool:
+        return self.label.startswith("hidden")
+
+
+def split_points(points: float, n: int) -> list[int]:
+    """`points` in UNITS, split over n cases: equal parts, the remainder on the last."""
+    total = round(points * UNITS)
+    part = total // n
+    return [part] * (n - 1) + [total - part * (n - 1)]
+
+
+def build_cases(assignment: assignments.Assignment, seed: int) -> list[Case]:
+    """Every test case of the assignment, with refimpl's answers: per question the visible, then the hidden."""
+    cases = []
+    for question, points in assignment.questions:
+        drawn = question.cases(None) + question.cases(seed)
+        for (label, args), units in zip(drawn, split_points(points, len(drawn))):
+            expected, mutated = question.expected(args)
+            cases.append(Case(question, label, args, expected, mutated, units))
+    return cases
+
+
+def _hidden_mismatch(problem: str) -> str:
+    """An input-free version of a comparison's message, for a hidden case."""
+    for words, short in (("should be a tuple", "the result is not the expected tuple"),
+                         ("has shape", "the result has the wrong shape"),
+                         ("has dtype", "the result has the wrong dtype"), ("is None", "the result is None"),
+                         ("should be", "the result has the wrong type"), ("is wrong at", "wrong values"),
+                         (" is ", "wrong value")):
+        if words in problem:
+            after = " (after the call)" if "after the call" in problem else ""
+            return short + after
+    return "wrong result"
+
+
+def verdict(case: Case, outcome: Outcome) -> tuple[bool, str]:
+    """(passed, message) for one case from what the sandbox sent back."""
+    if outcome.reply is None:
+        return False, outcome.failure
+    reply, q = outcome.reply, case.question
+    if reply.get("error") is not None or reply.get("error_type") is not None:
+        kind = str(reply.get("error_type") or "an error")
+        kind = kind if kind.isidentifier() else "an error"
+        if case.hidden:  # no text of the submission's: it could quote the inputs
+            if kind == "missing":
+                return False, f"{q.name} is not defined, or not a function"
+            return False, f"raised {kind} (hidden case: its message is not shown)"
+        return False, f"raised {str(reply.get('error'))[:MESSAGE_CAP]}"
+    canon = q.canonical or (lambda x: x)
+    problem = mismatch(canon(reply.get("value")), canon(case.expected), "the result", q.atol, q.rtol)
+    mutated = reply.get("mutated") or ()
+    for i, want in zip(q.mutated_args, case.expected_mutated):
+        got = mutated[q.mutated_args.index(i)] if len(mutated) == len(q.mutated_args) else None
+        problem = problem or mismatch(got, want, f"{q.arg_names[i]} after the call", q.atol, q.rtol)
+    if problem is None:
+        return True, "passed"
+    return False, _hidden_mismatch(problem) if case.hidden else problem
