@@ -72,13 +72,17 @@ class MTPModule(DecoderLayer):
 
         start_pos / cache: this module's own MLA cache over its positions i (for drafting, `refimpl.speculative`).
         """
+        x = self.combine(previous_hidden, next_embeds)  # h'^k
+        x = super().forward(x, start_pos, cache, mode)  # TRM_k, [batch, seq, hidden]
+        return self.shared_head.norm(x)
+
+    def combine(self, previous_hidden: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        """Eq. 21: h'^k = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1})], both inputs and the output
+        [batch, seq, hidden]. The embedding comes first, as in the checkpoint (the paper writes h first)."""
         if previous_hidden.shape != next_embeds.shape:
             raise ValueError(f"next_embeds: expected the shape of previous_hidden {tuple(previous_hidden.shape)}, "
                              f"got {tuple(next_embeds.shape)}")
-        # [embedding; hidden]: the checkpoint's order (the paper's eq. 21 writes the hidden state first)
-        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(previous_hidden)), dim=-1))
-        x = super().forward(x, start_pos, cache, mode)  # TRM_k, [batch, seq, hidden]
-        return self.shared_head.norm(x)
+        return self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(previous_hidden)), dim=-1))
 
 
 class DeepSeekMTPForCausalLM(DeepSeekForCausalLM):

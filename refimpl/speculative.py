@@ -103,19 +103,30 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, dr
         n = min(draft_len, max_new_tokens - stats.new_tokens - 1)  # never emit past max_new_tokens
         drafts = _draft(model, tokens, n, hidden, valid, mtp_caches, mode, force_draft)
         h, logits = model.hidden_and_logits(torch.tensor([tokens[newest:] + drafts]), newest, caches, mode)
-        greedy = logits[0].argmax(-1).tolist()  # [n + 1]: the main model's token after each input
-        kept = 0
-        while kept < n and drafts[kept] == greedy[kept]:
-            kept += 1
+        greedy = logits[0].argmax(-1)  # [n + 1]: the main model's token after each input
+        emitted = verify_drafts(torch.tensor(drafts, dtype=torch.long), greedy).tolist()
+        kept = len(emitted) - 1
         for depth in range(n):
             stats.drafted[depth] += 1
             stats.accepted[depth] += depth < kept
-        tokens += drafts[:kept] + [greedy[kept]]
+        tokens += emitted
         hidden[0][:, newest:newest + kept + 1] = h[:, :kept + 1]
         valid[0] = newest + kept + 1
         stats.main_forwards += 1
         stats.new_tokens += kept + 1
     return torch.tensor([tokens[:total]], dtype=input_ids.dtype), stats
+
+
+def verify_drafts(drafts: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """One round's greedy verification: drafts int64 [n] (n >= 0), greedy int64 [n + 1] (the main model's argmax
+    after the newest token and after each draft, from one forward) -> the tokens the round emits, int64
+    [kept + 1]: the longest prefix of drafts equal to greedy's, then greedy's token after it."""
+    if drafts.ndim != 1 or greedy.shape != (drafts.shape[0] + 1,):
+        raise ValueError(f"greedy: expected shape [n + 1] = ({drafts.shape[0] + 1},) for drafts of shape "
+                         f"{tuple(drafts.shape)} (1-d), got {tuple(greedy.shape)}")
+    mismatch = (drafts != greedy[:-1]).nonzero()
+    kept = int(mismatch[0, 0]) if len(mismatch) else drafts.shape[0]
+    return torch.cat((drafts[:kept], greedy[kept:kept + 1])).long()
 
 
 def _draft(model, tokens: list[int], n: int, hidden, valid: list[int], mtp_caches, mode: str,

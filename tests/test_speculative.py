@@ -87,3 +87,14 @@ def test_bad_input_is_refused_by_name(model):
     from refimpl.model import DeepSeekForCausalLM
     with pytest.raises(ValueError, match="model: expected a DeepSeekMTPForCausalLM"):
         speculative_generate(DeepSeekForCausalLM(tiny_config()), PROMPT, 5)
+
+
+def test_verify_drafts_keeps_the_matching_prefix_and_the_next_greedy_token():
+    from refimpl.speculative import verify_drafts
+
+    assert verify_drafts(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 5, 7])).tolist() == [1, 2, 5]
+    assert verify_drafts(torch.tensor([1, 2]), torch.tensor([1, 2, 3])).tolist() == [1, 2, 3]
+    assert verify_drafts(torch.tensor([4]), torch.tensor([1, 4])).tolist() == [1]  # no skipping ahead
+    assert verify_drafts(torch.tensor([], dtype=torch.long), torch.tensor([9])).tolist() == [9]
+    with pytest.raises(ValueError, match=r"greedy: expected shape \[n \+ 1\] = \(3,\)"):
+        verify_drafts(torch.tensor([1, 2]), torch.tensor([1, 2]))
