@@ -190,3 +190,18 @@ def test_bad_inputs_are_refused_by_name():
         model.forward_mtp(torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"depth: expected 1\.\.2"):
         model.mtp_step(3, torch.zeros(1, 1, 64), torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_train_adds_the_mtp_loss_and_refuses_a_model_without_mtp_modules():
+    from refimpl.model import DeepSeekForCausalLM
+    from refimpl.train import train
+
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12)))] * 3
+    model = DeepSeekMTPForCausalLM(tiny_config(num_nextn_predict_layers=1))
+    log = train(model, iter(batches), steps=3, lr=1e-3, progress=False, mtp_lambda=lambda_schedule(3))
+    assert log.mtp_loss[0] > 0 and len(log.mtp_loss) == 3
+    assert model.mtp[0].eh_proj.weight.grad is not None  # the module is trained
+    with pytest.raises(ValueError, match="mtp_lambda: expected a model with MTP modules"):
+        train(DeepSeekForCausalLM(tiny_config()), iter(batches), steps=1, lr=1e-3, progress=False,
+              mtp_lambda=0.3)
