@@ -165,7 +165,7 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
             mtp_term = mtp.mtp_loss(mtp_logits, targets, mtp_lambda(step) if callable(mtp_lambda) else mtp_lambda)
         aux = torch.zeros(())
         if aux_loss_alpha > 0:
-            aux = _balance_loss(model.config, moe_layers, aux_loss_alpha, *inputs.shape)
+            aux = _balance_loss(model.config, moe_layers, aux_loss_alpha, inputs.shape[0])
         optimizer.zero_grad()
         (loss + aux + mtp_term).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
@@ -197,14 +197,15 @@ def moe_layers_of(model: torch.nn.Module) -> list[moe.DeepSeekMoE]:
     return [module for module in model.modules() if isinstance(module, moe.DeepSeekMoE)]
 
 
-def _balance_loss(config: ModelConfig, moe_layers, alpha: float, batch_size: int, seq_len: int) -> torch.Tensor:
+def _balance_loss(config: ModelConfig, moe_layers, alpha: float, batch_size: int) -> torch.Tensor:
     """The balance loss of this step's forward pass, summed over the MoE layers."""
     total = torch.zeros(())
     for layer in moe_layers:
         routing = layer.last_routing  # scores [batch * seq, n_routed_experts], topk_idx [batch * seq, k]
-        if config.seq_aux:
+        if config.seq_aux:  # an MTP module's MoE layer routes seq_len - k tokens per sequence
+            layer_seq_len = routing.scores.shape[0] // batch_size
             total = total + moe.sequence_balance_loss(routing.scores, routing.topk_idx, config.n_routed_experts,
-                                                      alpha, batch_size, seq_len)
+                                                      alpha, batch_size, layer_seq_len)
         else:
             total = total + moe.expert_balance_loss(routing.scores, routing.topk_idx, config.n_routed_experts, alpha)
     return total

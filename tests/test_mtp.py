@@ -202,6 +202,10 @@ def test_train_adds_the_mtp_loss_and_refuses_a_model_without_mtp_modules():
     log = train(model, iter(batches), steps=3, lr=1e-3, progress=False, mtp_lambda=lambda_schedule(3))
     assert log.mtp_loss[0] > 0 and len(log.mtp_loss) == 3
     assert model.mtp[0].eh_proj.weight.grad is not None  # the module is trained
+    # a per-sequence balance loss also covers the MTP module's MoE layer (seq_len - 1 tokens per sequence)
+    model = DeepSeekMTPForCausalLM(tiny_config(num_nextn_predict_layers=1, seq_aux=True))
+    log = train(model, iter(batches), steps=2, lr=1e-3, progress=False, mtp_lambda=0.3, aux_loss_alpha=0.01)
+    assert log.aux_loss[0] > 0
     with pytest.raises(ValueError, match="mtp_lambda: expected a model with MTP modules"):
         train(DeepSeekForCausalLM(tiny_config()), iter(batches), steps=1, lr=1e-3, progress=False,
               mtp_lambda=0.3)
