@@ -464,5 +464,67 @@ EXERCISES = {
     "04_moe": Exercise(("route_topk", "route_group_limited", "moe_forward", "update_bias"), ("refimpl.moe",)),
     "05_accounting": Exercise(("kv_bytes_per_token", "activated_params"), ("refimpl.config",)),
     "06_kernels": Exercise(("softmax_rows", "mla_decode_block")),
+    "07_mtp": Exercise(("mtp_combine", "mtp_loss", "verify_drafts"), ("refimpl.mtp",)),
     "08_fp8": Exercise(("quantize_1x128", "block_scaled_matmul")),
 }
+
+
+# ---------------------------------------------------------------------------------------------------- MTP (07_mtp)
+# A self-contained block: the questions of exercises/src/07_mtp.ipynb, added to QUESTIONS below.
+def _mtp_module_args(gen, hidden):
+    from refimpl.mtp import MTPModule
+    from refimpl.train import tiny_config
+
+    hidden_size = _pick(gen, 16, 24, 64) if hidden else 32
+    config = tiny_config(hidden_size=hidden_size, q_lora_rank=16, kv_lora_rank=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+        module = MTPModule(config)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(1.0 if p.ndim == 1 else 0.0, 0.3)  # norms near 1, other weights random
+    b, s = (_pick(gen, 1, 3), _pick(gen, 1, 5, 17)) if hidden else (2, 6)
+    return module, _randn(gen, b, s, hidden_size), _randn(gen, b, s, hidden_size, scale=0.1)
+
+
+def _mtp_combine_ref(module, previous_hidden, next_embeds):
+    with torch.no_grad():
+        return module.combine(previous_hidden, next_embeds)
+
+
+def _mtp_loss_args(gen, hidden):
+    depths = _pick(gen, 1, 2, 3) if hidden else 2
+    b, t, v = (_pick(gen, 1, 4), _pick(gen, 4, 9), _pick(gen, 5, 257)) if hidden else (2, 8, 11)
+    logits = tuple(_randn(gen, b, t - k, v, scale=3.0) for k in range(1, depths + 1))
+    targets = torch.randint(v, (b, t), generator=gen)
+    return logits, targets, _pick(gen, 0.3, 0.1, 1.0) if hidden else 0.3
+
+
+def _mtp_loss_ref(mtp_logits, targets, mtp_lambda):
+    from refimpl.mtp import mtp_loss
+
+    return mtp_loss(list(mtp_logits), targets, mtp_lambda)
+
+
+def _verify_args(gen, hidden):
+    n = _pick(gen, 0, 1, 2, 4) if hidden else 3
+    greedy = torch.randint(3, (n + 1,), generator=gen)
+    drafts = torch.where(torch.rand(n, generator=gen) < 0.7, greedy[:n], torch.randint(3, (n,), generator=gen))
+    return drafts, greedy
+
+
+def _verify_ref(drafts, greedy):
+    from refimpl.speculative import verify_drafts
+
+    return verify_drafts(drafts, greedy)
+
+
+MTP_QUESTIONS = [
+    Question("mtp_combine", ("module", "previous_hidden", "next_embeds"), _mtp_module_args, _mtp_combine_ref,
+             ("refimpl.mtp.MTPModule.combine", "refimpl.mtp.MTPModule.forward")),
+    Question("mtp_loss", ("mtp_logits", "targets", "mtp_lambda"), _mtp_loss_args, _mtp_loss_ref,
+             ("refimpl.mtp.mtp_loss",)),
+    Question("verify_drafts", ("drafts", "greedy"), _verify_args, _verify_ref,
+             ("refimpl.speculative.verify_drafts",), n_visible=3),
+]
+QUESTIONS.update({q.name: q for q in MTP_QUESTIONS})
