@@ -6,7 +6,8 @@ One routine, `load_pretrained(model_cls, path, dtype, device)`, serves every mod
 1. find the folder and read `config.json` (`ModelConfig.from_hf`; `torch_dtype` and `quantization_config` are
    read from the same file);
 2. list the stored tensors from the safetensors headers (names, shapes, dtypes; no data read);
-3. skip the multi-token-prediction layers the config declares (`num_nextn_predict_layers`, DeepSeek-V3);
+3. skip the multi-token-prediction layers the config declares (`num_nextn_predict_layers`, DeepSeek-V3), or,
+   for a model class with MTP modules (`refimpl.mtp.DeepSeekMTPForCausalLM`), read them under its names;
    pair each float8 weight with its `weight_scale_inv`;
 4. build the model on the `meta` device (shapes, no memory) in the requested dtype and compare names and
    shapes: every missing, unexpected or wrongly shaped tensor is listed in one ValueError;
@@ -57,7 +58,11 @@ def load_pretrained(model_cls, path: str | Path, dtype: torch.dtype | None = Non
     device = _resolve_device(device)
 
     stored = _read_headers(folder)  # name -> (file, shape, safetensors dtype)
-    stored = _drop_mtp_layers(stored, config)
+    mtp_prefix = getattr(model_cls, "mtp_prefix", None)
+    if mtp_prefix is None:
+        stored, keys = _drop_mtp_layers(stored, config), {}
+    else:
+        stored, keys = _rename_mtp_layers(stored, config, mtp_prefix, folder)  # keys: our name -> stored name
     scales = _pair_fp8_scales(stored)  # float8 weight name -> its scale's name
 
     with torch.device("meta"):
@@ -79,15 +84,51 @@ def load_pretrained(model_cls, path: str | Path, dtype: torch.dtype | None = Non
         for name, target in model.state_dict(keep_vars=True).items():
             if name not in stored:
                 continue  # a tied name the checkpoint leaves out: filled through its twin
-            tensor = _read_tensor(stored, name)
+            tensor = _read_tensor(stored, name, keys)
             if name in scales:
-                tensor = dequantize_fp8(tensor, _read_tensor(stored, scales[name]), block_size)
+                tensor = dequantize_fp8(tensor, _read_tensor(stored, scales[name], keys), block_size)
             twin = _filled_twin(name, ties, stored)
             if twin is None:
                 target.copy_(tensor)  # casts to the parameter's dtype and device
             elif not torch.equal(tensor.to(target.dtype).to(target.device), target):
                 _untie(model, name, twin, tensor.to(target.dtype).to(target.device), target)
     return model.eval()
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, dtype: torch.dtype | None = None,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write `model` as a Hugging Face checkpoint that `load_pretrained` reads back: `folder`/config.json
+    (`model.config.to_dict()` plus `torch_dtype`) and `folder`/model.safetensors. -> the folder.
+
+    dtype: of the stored floating tensors, default the model's; the routers' float32 tensors stay float32.
+    MTP modules are stored under the checkpoint's names (`checkpoint_name`); a tied head is stored once.
+    metadata: strings for the safetensors header (e.g. the recipe that trained the model).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    mtp_prefix = getattr(model, "mtp_prefix", None)
+    tied_later = {name for group in _tied_groups(model) for name in group[1:]}
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name in tied_later:
+            continue
+        tensor = tensor.detach()
+        if dtype is not None and tensor.is_floating_point() and not _is_router_tensor(name):
+            tensor = tensor.to(dtype)
+        tensors[checkpoint_name(name, config, mtp_prefix)] = tensor.contiguous().cpu()
+    stored_dtype = dtype or next(model.parameters()).dtype
+    raw = {**config.to_dict(), "torch_dtype": str(stored_dtype).removeprefix("torch.")}
+    (folder / CONFIG_FILE).write_text(json.dumps(raw, indent=1) + "\n")
+    save_file(tensors, folder / SINGLE_FILE, metadata=metadata)
+    return folder
+
+
+def _is_router_tensor(name: str) -> bool:
+    """The MoE router's weight and bias, float32 in any model (`refimpl.moe.Router`)."""
+    return name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -152,12 +193,13 @@ def _read_headers(folder: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
     return stored
 
 
-def _read_tensor(stored: dict, name: str) -> torch.Tensor:
+def _read_tensor(stored: dict, name: str, keys: dict | None = None) -> torch.Tensor:
+    """The tensor stored as `name` (or as keys[name], when the model calls it differently)."""
     # A fresh safe_open per tensor: the file is memory-mapped, and the pages a read touches stay resident
     # until the map is closed; closing it after each tensor keeps them from adding a checkpoint's size to the
     # peak memory. Opening costs well under a millisecond.
     with safe_open(stored[name][0], framework="pt") as f:
-        return f.get_tensor(name)
+        return f.get_tensor((keys or {}).get(name, name))
 
 
 def _resolve_dtype(dtype, raw: dict) -> torch.dtype:
@@ -186,17 +228,61 @@ def _resolve_device(device) -> torch.device:
 def _drop_mtp_layers(stored: dict, config: ModelConfig) -> dict:
     """Skip the multi-token-prediction layers: model.layers.{L} ... model.layers.{L + n - 1}, L the number of
     decoder layers and n the config's `num_nextn_predict_layers` (DeepSeek-V3 section 2.2; 1 in V3)."""
-    first = config.num_hidden_layers
-    prefixes = tuple(f"model.layers.{i}." for i in range(first, first + config.num_nextn_predict_layers))
+    prefixes = tuple(mtp_layer_prefixes(config))
     mtp = {name for name in stored if name.startswith(prefixes)} if prefixes else set()
     if mtp:
         warnings.warn(
             f"skipping {len(mtp)} tensors of the multi-token-prediction layers "
             f"({', '.join(p + '*' for p in prefixes)}): DeepSeek-V3 uses them for training and speculative "
-            "decoding, not for next-token logits",
+            "decoding, not for next-token logits (refimpl.mtp.DeepSeekMTPForCausalLM loads them)",
             stacklevel=4,  # the caller of from_pretrained
         )
     return {name: info for name, info in stored.items() if name not in mtp}
+
+
+# stored in V3's MTP layer as copies of the main model's embedding and head; the MTP modules use the main ones
+MTP_SHARED_TENSORS = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+def mtp_layer_prefixes(config: ModelConfig) -> list[str]:
+    """Checkpoint prefixes of the MTP modules, depth 1..n: model.layers.{L}. ... model.layers.{L + n - 1}."""
+    first = config.num_hidden_layers
+    return [f"model.layers.{i}." for i in range(first, first + config.num_nextn_predict_layers)]
+
+
+def _rename_mtp_layers(stored: dict, config: ModelConfig, mtp_prefix: str, folder: Path) -> tuple[dict, dict]:
+    """Stored MTP tensors under the model's names: model.layers.{L + k}.X -> {mtp_prefix}.{k}.X, the shared
+    copies (`MTP_SHARED_TENSORS`) left out. -> (stored under the new names, new name -> stored name).
+    Raises ValueError when the config declares no MTP layer or the checkpoint stores none of one."""
+    prefixes = mtp_layer_prefixes(config)
+    if not prefixes:
+        raise ValueError(f"config.json of {str(folder)!r}: num_nextn_predict_layers is 0; a model with MTP "
+                         "modules needs a checkpoint that declares and stores them")
+    renamed, keys = {}, {}
+    for name, info in stored.items():
+        depth = next((k for k, p in enumerate(prefixes) if name.startswith(p)), None)
+        if depth is None:
+            renamed[name] = info
+            continue
+        rest = name[len(prefixes[depth]):]
+        if rest in MTP_SHARED_TENSORS:
+            continue
+        renamed[f"{mtp_prefix}.{depth}.{rest}"] = info
+        keys[f"{mtp_prefix}.{depth}.{rest}"] = name
+    empty = [p + "*" for k, p in enumerate(prefixes) if not any(n.startswith(f"{mtp_prefix}.{k}.") for n in keys)]
+    if empty:
+        raise ValueError(f"checkpoint {str(folder)!r}: num_nextn_predict_layers={len(prefixes)} declares MTP "
+                         f"layers, but no tensor is stored under {empty}")
+    return renamed, keys
+
+
+def checkpoint_name(name: str, config: ModelConfig, mtp_prefix: str | None = None) -> str:
+    """A model's parameter name -> its checkpoint name (the inverse of the renaming above): {mtp_prefix}.{k}.X
+    -> model.layers.{L + k}.X; any other name is kept."""
+    if mtp_prefix and name.startswith(mtp_prefix + "."):
+        depth, rest = name[len(mtp_prefix) + 1:].split(".", 1)
+        return f"model.layers.{config.num_hidden_layers + int(depth)}.{rest}"
+    return name
 
 
 def _pair_fp8_scales(stored: dict) -> dict[str, str]:

@@ -16,6 +16,9 @@ What is DeepSeek-specific is how it keeps the routed experts evenly loaded; both
 Any model that maps input_ids [batch, seq] to logits [batch, seq, vocab] and has a `config` trains here: a
 dense one (`refimpl.dense.DenseForCausalLM`) too, without balancing, since it has no `DeepSeekMoE` layer.
 
+With `mtp_lambda`, a model with multi-token-prediction modules (`refimpl.mtp.DeepSeekMTPForCausalLM`) also
+trains them: the loss adds V3's L_MTP = (lambda / D) sum_k CE_k (section 2.2, eq. 25) to the next-token loss.
+
 `TrainLog` keeps each step's losses, the expert load of every MoE layer, and the wall time, for the plots.
 """
 
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from refimpl import moe
+from refimpl import moe, mtp
 from refimpl.checks import check_int
 from refimpl.config import ModelConfig
 from refimpl.data import ByteTokenizer, encode_corpus, make_domain_corpus, split, token_batches
@@ -80,6 +83,7 @@ class TrainLog:
     step: list[int] = field(default_factory=list)  # 1, 2, ..., steps
     train_loss: list[float] = field(default_factory=list)  # cross-entropy of each step's batch
     aux_loss: list[float] = field(default_factory=list)  # the balance loss added to it (0.0 when off)
+    mtp_loss: list[float] = field(default_factory=list)  # L_MTP added to it (0.0 without mtp_lambda)
     eval_step: list[int] = field(default_factory=list)  # steps after which the model was evaluated; 0 = before
     eval_loss: list[float] = field(default_factory=list)
     # per step: [n_moe_layers, n_routed_experts], (token, expert) pairs each expert got (`moe.expert_load`)
@@ -107,7 +111,7 @@ def evaluate(model: torch.nn.Module, batches) -> float:
 
 def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_batches=None, eval_every: int = 50,
           aux_loss_alpha: float | None = None, bias_update_gamma: float = 0.0, seed: int = 0,
-          progress: bool = True, log_expert_load: bool = True) -> TrainLog:
+          progress: bool = True, log_expert_load: bool = True, mtp_lambda=None) -> TrainLog:
     """Train `model` for `steps` steps on (inputs, targets) pairs drawn from `train_batches` (an iterator such as
     `refimpl.data.token_batches(...)`).
 
@@ -115,6 +119,8 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
     aux_loss_alpha: weight of the balance loss; None takes the config's `aux_loss_alpha`; 0 turns it off.
     bias_update_gamma: V3's bias update speed; 0 turns it off; > 0 needs routers with `e_score_correction_bias`.
     progress: show a progress bar with the latest loss (tqdm; in a notebook, a widget).
+    mtp_lambda: None, or lambda (a float, or a function step -> float such as `refimpl.mtp.lambda_schedule`)
+    for the MTP loss; needs a model with `forward_mtp` (`refimpl.mtp.DeepSeekMTPForCausalLM`).
     The model needs no MoE layer: a dense model trains the same way, with no balancing and no expert load.
     """
     check_int("steps", steps, 1)
@@ -126,6 +132,9 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
     if not aux_loss_alpha >= 0:  # written so that NaN fails too
         raise ValueError(f"aux_loss_alpha: expected >= 0 or None, got {aux_loss_alpha!r}")
     _check_gamma(bias_update_gamma)
+    if mtp_lambda is not None and not hasattr(model, "forward_mtp"):
+        raise ValueError(f"mtp_lambda: expected a model with MTP modules (refimpl.mtp.DeepSeekMTPForCausalLM), "
+                         f"got {type(model).__name__}")
     moe_layers = moe_layers_of(model)
     if bias_update_gamma > 0:
         _check_has_bias(moe_layers)
@@ -147,12 +156,18 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
             inputs, targets = next(batches)  # [batch, seq] each
         except StopIteration:
             raise ValueError(f"train_batches: ran out after {step - 1} batches, expected steps={steps}") from None
-        loss = next_token_loss(model(inputs), targets)
+        mtp_term = torch.zeros(())
+        if mtp_lambda is None:
+            loss = next_token_loss(model(inputs), targets)
+        else:
+            logits, mtp_logits = model.forward_mtp(inputs)  # one pass: the MTP modules read its hidden states
+            loss = next_token_loss(logits, targets)
+            mtp_term = mtp.mtp_loss(mtp_logits, targets, mtp_lambda(step) if callable(mtp_lambda) else mtp_lambda)
         aux = torch.zeros(())
         if aux_loss_alpha > 0:
             aux = _balance_loss(model.config, moe_layers, aux_loss_alpha, *inputs.shape)
         optimizer.zero_grad()
-        (loss + aux).backward()
+        (loss + aux + mtp_term).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
         optimizer.step()
         loads = [moe.expert_load(layer.last_routing.topk_idx, layer.n_routed_experts) for layer in moe_layers]
@@ -163,6 +178,7 @@ def train(model: torch.nn.Module, train_batches, *, steps: int, lr: float, eval_
         log.step.append(step)
         log.train_loss.append(loss.item())
         log.aux_loss.append(aux.item())
+        log.mtp_loss.append(mtp_term.item())
         if log_expert_load and loads:
             log.expert_load.append(torch.stack(loads))  # [n_moe_layers, n_routed_experts]
         log.seconds.append(time.perf_counter() - start)
