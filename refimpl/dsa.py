@@ -192,8 +192,8 @@ class SparseMLA(MultiHeadLatentAttention):
         [batch, seq, kv_len] summed over heads and L1-normalized (`attention_target`), no gradient: the target
         the indexer is trained to (report sec. 2.1).
     After each call, `last_index_scores` ([batch, seq, kv_len]) and `last_topk` ([batch, seq, k]) hold what the
-    indexer computed. The indexer reads its inputs detached, as in V3.2's training (sec. 2.1: "we detach the
-    indexer input from the computational graph"): its loss trains the indexer only, and the language-model
+    indexer computed. The indexer reads its inputs detached from the main model's graph, as in V3.2's sparse
+    training stage (sec. 2.1): its loss trains the indexer only, and the language-model
     loss, which the discrete top-k cannot carry back anyway, trains the main model only.
     """
 
