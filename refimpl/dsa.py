@@ -25,6 +25,13 @@ Details that differ from the main MLA, each as transformers and the corrected re
   * it needs `q_lora_rank` (its queries read the MLA query latent).
 The release computes the indexer in FP8 after a Hadamard rotation of q and k; the rotation is orthogonal
 (it changes no dot product) and FP8 is a precision choice, so here, as in transformers, it is float32.
+
+Training (report sec. 2.1), as lesson 22 runs it on lesson 11's tiny DeepSeek: `DeepSeekV32ForCausalLM.from_dense`
+adds new indexers to a trained DeepSeek (V3.2-Exp started from V3.1-Terminus); `train_indexer` runs the dense
+warm-up (main model frozen, dense attention, L^I = sum_t KL(p_t || Softmax(I_t)) with p_t the main attention
+summed over heads and L1-normalized: `attention_target`, `indexer_kl_loss`) or the sparse stage (selection on,
+KL over the selected tokens, the main model trained by the next-token loss); `recovered_mass` is the share of
+p_t that a selection keeps. `set_sparse(..., selection="recent")` selects the last k tokens instead (a baseline).
 """
 
 from __future__ import annotations
