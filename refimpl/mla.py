@@ -239,7 +239,15 @@ class MultiHeadLatentAttention(nn.Module):
 
         Same shapes in and out as `_attend_naive`; no per-head key or value is ever built.
         """
-        w_uk, w_uv = self._w_uk_uv()
+        _, w_uv = self._w_uk_uv()
+        probs = self._absorbed_probs(q_nope, q_pe, c_kv, k_pe, mask)  # [batch, heads, seq, kv_len]
+        out_latent = torch.einsum("bhst,btc->bhsc", probs, c_kv)  # sum_j p_tj c_j^KV: [batch, heads, seq, kv_lora_rank]
+        return torch.einsum("bhsc,hvc->bhsv", out_latent, w_uv)  # W^UV_i (...): [batch, heads, seq, v_head_dim]
+
+    def _absorbed_probs(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        """The attention probabilities of eq 18, scored in latent space (shapes as `_attend_naive`)
+        -> [batch, heads, seq, kv_len], c_kv's dtype; 0 where mask is False."""
+        w_uk, _ = self._w_uk_uv()
         q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, w_uk)  # W^UK_i^T q^C: [batch, heads, seq, kv_lora_rank]
         scores = (torch.einsum("bhsc,btc->bhst", q_latent, c_kv)  # = q^C . k^C: [batch, heads, seq, kv_len]
                   + torch.einsum("bhsr,btr->bhst", q_pe, k_pe))  # + q^R . k^R
@@ -247,9 +255,7 @@ class MultiHeadLatentAttention(nn.Module):
         compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
         scores = scores.to(compute_dtype) * self.softmax_scale
         scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)
-        out_latent = torch.einsum("bhst,btc->bhsc", probs, c_kv)  # sum_j p_tj c_j^KV: [batch, heads, seq, kv_lora_rank]
-        return torch.einsum("bhsc,hvc->bhsv", out_latent, w_uv)  # W^UV_i (...): [batch, heads, seq, v_head_dim]
+        return scores.softmax(dim=-1).to(c_kv.dtype)
 
     def _check_cache(self, cache, batch: int) -> None:
         if not isinstance(cache, MLACache):

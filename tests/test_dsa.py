@@ -153,3 +153,115 @@ def test_a_checkpoint_without_the_indexer_is_refused(pair, tmp_path):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ValueError, match="indexer"):
         DeepSeekV32ForCausalLM.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------ training the indexer (report sec. 2.1)
+from refimpl.data import ByteTokenizer, encode_corpus, make_domain_corpus, token_batches  # noqa: E402
+from refimpl.dsa import attention_target, indexer_kl_loss, recovered_mass, train_indexer  # noqa: E402
+from refimpl.model import DeepSeekForCausalLM  # noqa: E402
+from refimpl.train import tiny_config  # noqa: E402
+
+
+def test_attention_target_and_kl_loss():
+    probs = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1) * torch.ones(5, 5).tril()  # masked keys: 0
+    p = attention_target(probs)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 5))
+    torch.testing.assert_close(p, probs.sum(1) / probs.sum(1).sum(-1, keepdim=True))
+    visible = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 5, 5)
+    exact = p.clamp_min(1e-30).log().masked_fill(~visible, float("-inf"))  # Softmax(I) = p: KL 0
+    assert indexer_kl_loss(p, exact).abs() < 1e-6
+    uniform = torch.zeros(2, 5, 5).masked_fill(~visible, float("-inf"))
+    by_hand = (p * (p.clamp_min(1e-30).log() + torch.arange(1, 6).float().log()[:, None])).sum(-1).mean()
+    torch.testing.assert_close(indexer_kl_loss(p, uniform), by_hand)
+    assert indexer_kl_loss(p, uniform) > 0.02  # not uniform: a positive divergence
+    selected = visible & (torch.arange(5) >= torch.arange(5)[:, None] - 1)  # the last 2 keys
+    restricted = p * selected / (p * selected).sum(-1, keepdim=True)
+    q = torch.softmax(uniform.masked_fill(~selected, float("-inf")), -1)
+    by_hand = torch.where(restricted > 0, restricted * (restricted.clamp_min(1e-30) / q).log(), 0).sum(-1).mean()
+    torch.testing.assert_close(indexer_kl_loss(p, uniform, selected), by_hand)
+    torch.testing.assert_close(recovered_mass(p, torch.tensor([[[0]] * 5] * 2)), p[..., 0])
+    with pytest.raises(ValueError, match="index_scores"):
+        indexer_kl_loss(p, uniform[:, :4])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small trained DeepSeek (40 steps on the domain corpus) and its token stream; seeded."""
+    from refimpl.train import train
+    ids = encode_corpus(make_domain_corpus(60, seed=0), ByteTokenizer())
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_config(num_hidden_layers=2))
+    train(model, token_batches(ids, 8, 32, seed=0), steps=40, lr=3e-3, progress=False, log_expert_load=False)
+    return model.eval(), ids
+
+
+def _mass(model, inputs, k, selection="indexer"):
+    model.set_sparse(False, topk=k, selection=selection, record_attention=True)
+    with torch.no_grad():
+        model(inputs)
+    model.set_sparse(True, record_attention=False)
+    return torch.stack([recovered_mass(l.self_attn.last_attention, l.self_attn.last_topk)[:, k:].mean()
+                        for l in model.model.layers]).mean().item()
+
+
+def test_from_dense_keeps_the_trained_model(tiny):
+    base, ids = tiny
+    model = DeepSeekV32ForCausalLM.from_dense(base, index_topk=4, index_n_heads=4, index_head_dim=16)
+    inputs = ids[:64].view(2, 32)
+    model.set_sparse(False)
+    with torch.no_grad():
+        assert torch.equal(model(inputs), base(inputs))  # dense: exactly the model it came from
+    model.set_sparse(True)
+    with pytest.raises(TypeError, match="expected a DeepSeekForCausalLM"):
+        DeepSeekV32ForCausalLM.from_dense(model, 4, 4, 16)
+
+
+def test_recent_selection_keeps_the_last_k_tokens(tiny):
+    base, ids = tiny
+    model = DeepSeekV32ForCausalLM.from_dense(base, 4, 4, 16)
+    model.set_sparse(True, topk=3, selection="recent")
+    with torch.no_grad():
+        model(ids[:16].view(1, 16))
+    topk = model.model.layers[0].self_attn.last_topk[0]
+    assert topk[10].tolist() == [10, 9, 8] and topk[0, 0].item() == 0
+    with pytest.raises(ValueError, match="selection: expected one of"):
+        model.set_sparse(True, selection="oldest")
+
+
+def test_warmup_trains_only_the_indexer_and_it_recovers_attention(tiny):
+    base, ids = tiny
+    model = DeepSeekV32ForCausalLM.from_dense(base, 4, 4, 16, seed=1)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    held_out = ids[-256:].view(8, 32)
+    mass_before = _mass(model, held_out, 4)
+    losses = train_indexer(model, token_batches(ids[:-256], 8, 32, seed=0), steps=40, lr=3e-3)
+    after = model.state_dict()
+    assert all(torch.equal(after[n], t) for n, t in before.items() if ".indexer." not in n)
+    assert all(not torch.equal(after[n], t) for n, t in before.items() if n.endswith("indexer.wq_b.weight"))
+    assert losses[-1] < 0.3 * losses[0], losses
+    mass_after = _mass(model, held_out, 4)
+    mass_recent = _mass(model, held_out, 4, "recent")
+    assert mass_after > mass_before + 0.05 and mass_after > mass_recent, (mass_before, mass_after, mass_recent)
+    assert all(layer.self_attn.sparse for layer in model.model.layers)  # restored
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_sparse_stage_trains_the_main_model_too(tiny):
+    base, ids = tiny
+    model = DeepSeekV32ForCausalLM.from_dense(base, 4, 4, 16)
+    before = model.model.embed_tokens.weight.clone()
+    losses = train_indexer(model, token_batches(ids, 8, 32, seed=0), steps=3, stage="sparse", lr=1e-3)
+    assert len(losses) == 3 and not torch.equal(model.model.embed_tokens.weight, before)
+
+
+def test_train_indexer_refuses_bad_input(tiny):
+    base, ids = tiny
+    model = DeepSeekV32ForCausalLM.from_dense(base, 4, 4, 16)
+    batches = token_batches(ids, 8, 32, seed=0)
+    with pytest.raises(ValueError, match="stage: expected 'warmup' or 'sparse'"):
+        train_indexer(model, batches, steps=1, stage="dense")
+    with pytest.raises(ValueError, match="batches: expected 5 batches, got 2"):
+        train_indexer(model, token_batches(ids, 8, 32, num_batches=2), steps=5)
+    model.set_sparse(True, selection="recent")
+    with pytest.raises(ValueError, match="selection: train_indexer trains"):
+        train_indexer(model, batches, steps=1)
