@@ -431,8 +431,9 @@ def paginate(c_kv: torch.Tensor, k_pe: torch.Tensor, seq_lens: torch.Tensor, pag
     pages_per_seq = [-(-int(n) // page_size) for n in seq_lens.tolist()]
     num_pages, max_pages = sum(pages_per_seq), max(pages_per_seq, default=0)
     order = torch.randperm(num_pages, generator=generator)  # page i of the pool order goes to slot order[i]
-    c_kv_pages = c_kv.new_zeros(num_pages, page_size, C)
-    k_pe_pages = k_pe.new_zeros(num_pages, page_size, k_pe.shape[2])
+    # at least one page: a batch of empty slots still has a pool the block table's zeros can name
+    c_kv_pages = c_kv.new_zeros(max(num_pages, 1), page_size, C)
+    k_pe_pages = k_pe.new_zeros(max(num_pages, 1), page_size, k_pe.shape[2])
     block_table = torch.zeros(batch, max(max_pages, 1), dtype=torch.int32)
     next_page = 0
     for b, n_pages in enumerate(pages_per_seq):
