@@ -1,6 +1,6 @@
 """Compile every kernel, in every configuration its wrapper can pick, for a GPU target, on any machine.
 
-    python -m dskernels.compile_check              # sm_90 and sm_80: a table of shared memory per config
+    TRITON_INTERPRET=0 python -m dskernels.compile_check [--all] [--json PATH]   # sm_90 and sm_80
 
 `triton.compile` runs Triton's whole GPU pipeline (to PTX, then ptxas from the triton wheel to a cubin) for a
 `GPUTarget` without a GPU, so the rules the interpreter does not enforce are checked on a CPU: `tl.dot` of at
@@ -9,7 +9,8 @@ configuration needs against the target's limit per block (`TARGETS`). The wrappe
 from a shared-memory estimate and the budget of the GPU they run on (`dskernels._checks.shared_memory_budget`):
 `configs(target)` asks each wrapper's picker with that target's budget, so what is compiled here is what a
 GPU of that kind would launch, and `tests/test_kernels_compile.py` checks that the compiled size is within the
-limit and not above the wrapper's estimate.
+limit and not above the wrapper's estimate. It needs TRITON_INTERPRET=0: under the interpreter Triton's own
+jit helpers (tl.cdiv, ...) are interpreter functions and cannot be compiled.
 
 Which configurations (each for float32, float16 and bfloat16, the dtypes the wrappers accept; no wrapper takes
 float8, so no float8 config exists):
@@ -26,8 +27,12 @@ float8, so no float8 config exists):
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -40,6 +45,7 @@ from dskernels import matmul as mm
 from dskernels import mla_decode as md
 from dskernels import moe
 from dskernels import rowwise
+from dskernels._checks import interpreting
 
 # shared memory per block (opt-in maximum), NVIDIA CUDA C++ Programming Guide, compute capabilities table
 TARGETS = {"sm_90": (GPUTarget("cuda", 90, 32), 232448), "sm_80": (GPUTarget("cuda", 80, 32), 166912)}
@@ -115,7 +121,10 @@ def _flash_attention(dtype, budget) -> list[Config]:
     out = []
     for d in (64, 128, 192):
         block_d = max(16, triton.next_power_of_2(d))
-        stages = fa.pick_num_stages(64, 64, block_d, block_d, dtype, budget)
+        try:
+            stages = fa.pick_num_stages(64, 64, block_d, block_d, dtype, budget)
+        except ValueError:  # refused by the wrapper (float32, head 192 on sm_80): not a config it launches
+            continue
         const = dict(D=d, DV=d, CAUSAL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_DV=block_d,
                      IEEE=dtype == torch.float32)
         for step, kernel in fa.KERNELS.items():
@@ -129,7 +138,7 @@ def _mla_decode(dtype, budget) -> list[Config]:
     out = []
     types = {"scale": "fp32", "seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "part_out_ptr": "*fp32",
              "part_lse_ptr": "*fp32"}
-    for C, R in ((512, 64), (64, 16)):
+    for C, R in ((64, 16), (512, 64)):
         block_h = 16
         block_n = md.pick_block_n(C, R, block_h, dtype, budget)
         stages = md.pick_num_stages(C, R, block_h, block_n, dtype, budget)
@@ -177,14 +186,57 @@ def compile_config(config: Config, target: str) -> int:
     return int(compiled.metadata.shared)
 
 
-def main() -> None:
-    for target, (_, limit) in TARGETS.items():
+def ci_selection(target: str, family: str, dtype: torch.dtype) -> list[Config]:
+    """The configurations CI compiles (one takes seconds, float32's exact-product dots up to minutes on a busy
+    CPU): in float16 and bfloat16, each kernel once, in its configuration with the largest shared memory
+    estimate (the closest to the limit); in float32, the family's first configuration (the float32 path of
+    every family; the ladder steps share their tiles). `--all` (DSKERNELS_COMPILE_ALL=1 for the test)
+    compiles every configuration."""
+    candidates = configs(target, family, dtype)
+    if dtype == torch.float32:
+        return candidates[:1]
+    largest = {}
+    for config in candidates:
+        kernel = config.kernel.fn
+        if kernel not in largest or (config.estimate or 0) >= (largest[kernel].estimate or 0):
+            largest[kernel] = config
+    return list(largest.values())
+
+
+def run(selection: str = "ci", targets: list[str] | None = None) -> list[dict]:
+    """Compile the `selection` ("ci" or "all") for the targets (default all), every family and dtype -> one
+    row per config."""
+    rows = []
+    for target in targets or TARGETS:
+        limit = TARGETS[target][1]
         for family in FAMILIES:
             for dtype in DTYPES:
-                for config in configs(target, family, dtype):
+                chosen = ci_selection(target, family, dtype) if selection == "ci" else configs(target, family, dtype)
+                for config in chosen:
+                    start = time.perf_counter()
                     shared = compile_config(config, target)
+                    rows.append(dict(target=target, family=family, dtype=str(dtype), name=config.name,
+                                     num_warps=config.num_warps, num_stages=config.num_stages, shared=shared,
+                                     estimate=config.estimate, limit=limit,
+                                     seconds=round(time.perf_counter() - start, 1)))
                     print(f"{target} {config.name:45s} stages {config.num_stages} warps {config.num_warps:2d} "
-                          f"shared {shared:7d} B (estimate {config.estimate}, limit {limit})", flush=True)
+                          f"shared {shared:7d} B (estimate {config.estimate}, limit {limit}) "
+                          f"{rows[-1]['seconds']} s", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--all", action="store_true", help="every configuration, not CI's selection")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--target", choices=list(TARGETS), action="append", help="only this target (repeatable)")
+    args = parser.parse_args(argv)
+    if interpreting():
+        parser.error("run with TRITON_INTERPRET=0: compiling needs Triton's jit functions, not the interpreter's")
+    rows = run("all" if args.all else "ci", args.target)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
