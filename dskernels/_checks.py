@@ -80,6 +80,16 @@ def shared_memory_budget(device: torch.device | str) -> int:
     return SHARED_MEMORY_PER_BLOCK.get((props.major, props.minor), 48 * 1024)
 
 
+def most_stages_that_fit(estimate, budget: int, stages: tuple, what: str) -> int:
+    """The first of `stages` (most first) whose shared memory `estimate(stages)` (bytes) fits `budget`;
+    ValueError "{what}: ... needs about N B of shared memory, more than this GPU's budget" when none does."""
+    for count in stages:
+        if estimate(count) <= budget:
+            return count
+    raise ValueError(f"{what} needs about {estimate(min(stages))} B of shared memory, more than this GPU's "
+                     f"{budget} B per block; use smaller blocks")
+
+
 def check_like(name: str, x, like: torch.Tensor, like_name: str, shape: tuple, matrix_layout: bool = False) -> None:
     """x: of `shape`, with the dtype and device of `like`, contiguous (or as `check_kernel_input`'s
     matrix_layout)."""

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import check_kernel_input, check_like, shared_memory_budget
+from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
 from refimpl.attention import scaled_dot_product_attention
 
 STEPS = ("v1", "v2", "v3")
@@ -225,13 +225,10 @@ def pick_num_stages(block_m: int, block_n: int, block_d: int, block_dv: int, dty
                     budget: int) -> int:
     """The most pipeline stages whose `shared_memory_estimate` fits `budget`; ValueError naming the blocks
     when even one stage does not fit."""
-    for stages in NUM_STAGES:
-        if shared_memory_estimate(block_m, block_n, block_d, block_dv, dtype.itemsize, stages) <= budget:
-            return stages
-    need = shared_memory_estimate(block_m, block_n, block_d, block_dv, dtype.itemsize, 1)
-    raise ValueError(f"block_m={block_m}, block_n={block_n}: a program with head sizes up to {block_d}/{block_dv} "
-                     f"in {dtype} needs about {need} B of shared memory, more than this GPU's {budget} B per "
-                     f"block; use smaller blocks")
+    def estimate(stages: int) -> int:
+        return shared_memory_estimate(block_m, block_n, block_d, block_dv, dtype.itemsize, stages)
+    return most_stages_that_fit(estimate, budget, NUM_STAGES, f"block_m={block_m}, block_n={block_n}: a program "
+                                f"with head sizes up to {block_d}/{block_dv} in {dtype}")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import check_kernel_input, check_like, interpreting, shared_memory_budget
+from dskernels._checks import (check_kernel_input, check_like, interpreting, most_stages_that_fit,
+                               shared_memory_budget)
 
 STEPS = ("v1", "v2", "v3")
 
@@ -112,12 +113,10 @@ NUM_STAGES = (4, 3, 2, 1)  # steps v1, v2: the first that fits the shared memory
 def pick_num_stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, budget: int) -> int:
     """The most pipeline stages whose `shared_memory_estimate` fits `budget`; ValueError naming the blocks
     when even one stage does not fit."""
-    for stages in NUM_STAGES:
-        if shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages) <= budget:
-            return stages
-    raise ValueError(f"block_m={block_m}, block_n={block_n}, block_k={block_k}: a {dtype} tile needs "
-                     f"{shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, 1)} B of shared "
-                     f"memory, more than this GPU's {budget} B per block; use smaller blocks")
+    def estimate(stages: int) -> int:
+        return shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages)
+    return most_stages_that_fit(estimate, budget, NUM_STAGES,
+                                f"block_m={block_m}, block_n={block_n}, block_k={block_k}: a {dtype} tile")
 
 
 def fitting_configs(configs, itemsize: int, budget: int) -> list:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import check_kernel_input, check_like, shared_memory_budget
+from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
 from refimpl.attention import scaled_dot_product_attention
 from refimpl.checks import check_int, check_shape
 
@@ -276,13 +276,10 @@ def pick_block_n(C: int, R: int, block_h: int, dtype: torch.dtype, budget: int) 
 def pick_num_stages(C: int, R: int, block_h: int, block_n: int, dtype: torch.dtype, budget: int) -> int:
     """The most pipeline stages (3, 2, 1) whose `shared_memory_estimate` fits `budget` bytes; ValueError
     naming the sizes when even one stage does not fit (use a smaller block_n / block_h)."""
-    for stages in NUM_STAGES:
-        if shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages) <= budget:
-            return stages
-    need = shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, 1)
-    raise ValueError(f"block_n={block_n}, block_h={block_h}: a decode program over a {C}+{R} latent cache in "
-                     f"{dtype} needs about {need} B of shared memory, more than this GPU's {budget} B per "
-                     f"block; use a smaller block_n or block_h")
+    def estimate(stages: int) -> int:
+        return shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages)
+    return most_stages_that_fit(estimate, budget, NUM_STAGES, f"block_n={block_n}, block_h={block_h}: a decode "
+                                f"program over a {C}+{R} latent cache in {dtype}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import nn
 
 from dskernels import matmul as tiled_matmul
-from dskernels._checks import check_kernel_input, check_like, shared_memory_budget
+from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
 from refimpl.checks import check_int
 from refimpl.moe import MLP, combine, dispatch, run_experts
 
@@ -68,7 +68,7 @@ def gate_up_kernel(x_ptr, w_gate_ptr, w_up_ptr, sorted_pairs_ptr, block_expert_p
     x [T, H], w_gate, w_up [E, I, H], h [num_blocks * BLOCK_M, I] (padded row order)."""
     block = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # intermediate units [BLOCK_N]
-    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: rows * I may pass 2^31  # padded rows [BLOCK_M]
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # padded rows [BLOCK_M]; 64-bit: rows * I
     expert = tl.load(block_expert_ptr + block).to(tl.int64)
     pair = tl.load(sorted_pairs_ptr + rows).to(tl.int64)  # [BLOCK_M]; num_pairs marks padding
     is_row = pair < num_pairs
@@ -146,12 +146,10 @@ NUM_STAGES = (4, 3, 2, 1)  # tried in this order: the first whose estimate fits 
 def pick_num_stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, budget: int) -> int:
     """The most pipeline stages whose gate/up `shared_memory_estimate` fits `budget`; ValueError naming the
     blocks when even one stage does not fit."""
-    for stages in NUM_STAGES:
-        if shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages) <= budget:
-            return stages
-    raise ValueError(f"block_m={block_m}, block_n={block_n}, block_k={block_k}: the grouped GEMM in {dtype} needs "
-                     f"{shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, 1)} B of shared memory, "
-                     f"more than this GPU's {budget} B per block; use smaller blocks")
+    def estimate(stages: int) -> int:
+        return shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages)
+    return most_stages_that_fit(estimate, budget, NUM_STAGES,
+                                f"block_m={block_m}, block_n={block_n}, block_k={block_k}: the grouped GEMM in {dtype}")
 
 
 @dataclass(frozen=True)
