@@ -344,17 +344,18 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 def _markdown(results: list[dict], decode: list[dict], header: str, peaks: Peaks) -> str:
-    lines = [header, "",
-             f"Floors: max(FLOPs / peak, bytes / bandwidth), from the datasheet of the {peaks.label} "
+    notes = (f"Floors: max(FLOPs / peak, bytes / bandwidth), from the datasheet of the {peaks.label} "
              f"({_fmt(peaks.flops and peaks.flops / 1e12, '.1f')} TFLOP/s dense BF16, "
              f"{_fmt(peaks.bytes_per_s and peaks.bytes_per_s / 1e12, '.2f')} TB/s; {peaks.source}) and from this "
              f"run's measured bf16 torch.matmul 8192^3 "
              f"({_fmt(peaks.measured_flops and peaks.measured_flops / 1e12, '.0f')} "
-             f"TFLOP/s) and 1 GiB copy ({_fmt(peaks.measured_bytes_per_s and peaks.measured_bytes_per_s / 1e9, '.0f')} "
-             f"GB/s). Errors: `dskernels._checks.compare` against a float32 reference of the same inputs "
-             f"(relative norm error / worst row's error, each with its bound).", "",
-             "| op | shape | implementation | time (ms) | TFLOP/s | GB/s | floor, datasheet (ms) | floor / time | "
-             "floor, measured (ms) | rel. error | row error | ok |",
+             f"TFLOP/s) and 1 GiB copy "
+             f"({_fmt(peaks.measured_bytes_per_s and peaks.measured_bytes_per_s / 1e9, '.0f')} GB/s). "
+             f"Errors: `dskernels._checks.compare` against a float32 reference of the same inputs "
+             f"(relative norm error / worst row's error, each with its bound).")
+    # the table's header within the first 3 lines: lessons 13-17 print those and the rows of their ops
+    lines = [header, "", "| op | shape | implementation | time (ms) | TFLOP/s | GB/s | floor, datasheet (ms) | "
+             "floor / time | floor, measured (ms) | rel. error | row error | ok |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         floor = _floor_ms(r["flops"], r["bytes"], peaks.flops, peaks.bytes_per_s)
@@ -364,7 +365,7 @@ def _markdown(results: list[dict], decode: list[dict], header: str, peaks: Peaks
                      f"{r['gbps']:.0f} | {_fmt(floor, '.4f')} | {_fmt(floor and floor / r['ms'], '.0%')} | "
                      f"{_fmt(measured, '.4f')} | {_fmt(r['rel_err'], '.2g')} | {_fmt(r['max_row_err'], '.2g')} | "
                      f"{ok} |")
-    lines += ["", "What each op's timed region holds:", ""]
+    lines += ["", notes, "", "What each op's timed region holds:", ""]
     lines += [f"- {op}: {timed}" for op, timed in dict.fromkeys((r["op"], r["timed"]) for r in results)]
     lines += ["", "| model | implementation | batch | prompt | new tokens | tokens/s | same tokens |",
               "|---|---|---:|---:|---:|---:|---:|"]
