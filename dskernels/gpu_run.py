@@ -4,8 +4,8 @@
     python -m dskernels.gpu_run --tiny --out DIR   # on a CPU under Triton's interpreter: the same stages, tiny
 
 Stages, in order, each timed and recorded (a failing stage is recorded and the next ones still run):
-  1. tests: the kernel tests (tests/test_kernels_*.py but the compile check, which is CI's) with pytest,
-     compiled for this GPU (with --tiny: the checker's test only);
+  1. tests: the kernel tests (tests/test_kernels_*.py but `LATER_STAGES`) with pytest, compiled for this
+     GPU (with --tiny: the checker's test only);
   2. sweep: every ladder step of every kernel at awkward sizes (odd, 1, not a block multiple, empty experts,
      unequal and zero lengths) in float16, bfloat16 and float32 (float32 and float16 under the interpreter),
      each output against a float32/float64 reference with `dskernels._checks.compare`;
@@ -34,6 +34,9 @@ import torch
 from dskernels import bench
 
 ROOT = Path(__file__).resolve().parents[1]
+# kernel test files the test stage leaves out: the compile check is CI's (CPU work), and the --tiny runs of
+# this command and of the benchmark would repeat stages 2 and 4
+LATER_STAGES = ("test_kernels_compile.py", "test_kernels_gpu_run.py", "test_kernels_bench.py")
 NOTEBOOKS = ["lessons/13_triton_basics.ipynb", "lessons/14_matmul.ipynb", "lessons/15_flash_attention.ipynb",
              "lessons/16_mla_decode.ipynb", "lessons/17_moe_kernels.ipynb", "exercises/src/06_kernels.ipynb"]
 
@@ -74,7 +77,7 @@ def run_tests(tiny: bool, out: Path) -> dict:
         files = ["tests/test_kernels_checks.py"]
     else:
         files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_kernels_*.py")
-                       if p.name != "test_kernels_compile.py")
+                       if p.name not in LATER_STAGES)
     xml = out / "pytest.xml"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
