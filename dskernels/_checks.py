@@ -159,8 +159,8 @@ def compare(out: torch.Tensor, ref: torch.Tensor, *, dtype: torch.dtype | None =
     if out.shape != ref.shape:
         return Comparison(False, float("inf"), float("inf"), -1, rel_bound, row_bound,
                           f"WRONG: shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
-    got = out.detach().to("cpu", torch.float64).reshape(-1, out.shape[-1] if out.dim() else 1)
-    want = ref.detach().to("cpu", torch.float64).reshape(got.shape)
+    got = out.detach().to(torch.float64).reshape(-1, out.shape[-1] if out.dim() else 1)  # on out's device
+    want = ref.detach().to(got.device, torch.float64).reshape(got.shape)
     if got.numel() == 0:
         return Comparison(True, 0.0, 0.0, -1, rel_bound, row_bound, "empty output")
     bad = ~torch.isfinite(got) & torch.isfinite(want)

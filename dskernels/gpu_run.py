@@ -20,6 +20,7 @@ outcome and time, the sweep's table), next to the benchmark's results.json, resu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -80,7 +81,10 @@ def run_tests(tiny: bool, out: Path) -> dict:
                        if p.name not in LATER_STAGES)
     xml = out / "pytest.xml"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+    # compiling is most of the time on a GPU (one kernel per configuration and dtype, single-threaded):
+    # spread the tests over 8 processes where pytest-xdist is installed
+    workers = ["-n", "8"] if not tiny and importlib.util.find_spec("xdist") else []
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, f"--junitxml={xml}", *files]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
