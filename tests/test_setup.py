@@ -111,6 +111,9 @@ def test_constraints_pin_the_packages_the_course_depends_on():
     # CI runs the newest transformers, which brings Hugging Face's `kernels` (issue 17: the course's are dskernels)
     assert Version(pins["transformers"]) >= Version("5.25"), pins["transformers"]
     assert f"TORCH_SPEC ?= torch=={pins['torch']}" in (ROOT / "Makefile").read_text()  # one tested torch
+    for requirement in (r for group in _requirements().values() for r in group):  # pyproject's bounds hold them
+        pin = pins.get(canonicalize_name(requirement.name))
+        assert pin is None or requirement.specifier.contains(pin, prereleases=True), (requirement, pin)
 
 
 @pytest.fixture(scope="module")
