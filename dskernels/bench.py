@@ -243,6 +243,10 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
         "align_to_experts: a sort and a host sync) outside, once per routing; 'plan + launch', v1 and the eager "
         "loop: everything (a loop over experts reads their row counts on the host)",
         unchecked=("dense GEMMs, same FLOPs (not the op)",)))
+
+    from dskernels import fp8_gemm  # the FP8 GEMM of lesson 20 (DeepSeek-V3's block scales)
+
+    cases.append(fp8_gemm.bench_case(tiny, device, dtype))
     return cases
 
 

@@ -161,9 +161,9 @@ def bench_case(tiny: bool, device: str, dtype: torch.dtype):
     Inputs are quantized once, outside the timing, as DeepGEMM's benchmark does: the Triton ladder on the V3
     operands; torch.matmul on the same values dequantized to `dtype` (bfloat16 on a GPU); `torch._scaled_mm`
     with one scale per row of A and per column of B (row-wise: what torch offers without block scales), on a
-    CPU or a GPU with float8 tensor cores. The reference is `reference`; elements of C are about N(0, 1), and
-    the tolerance (0.3 + 0.3 |C|) covers the largest of row-wise FP8's own rounding errors over millions of
-    elements (0.14 at the tiny shape); the other implementations are within 1e-5 (float32) or bf16's rounding.
+    CPU or a GPU with float8 tensor cores. The ladder steps are checked against `reference` with the one
+    checker (`dskernels._checks.compare`); the two baselines round differently (bf16 operands; row-wise
+    scales, whose error reaches 0.14 on elements of about N(0, 1) at the tiny shape) and are timed, not checked.
     """
     from dskernels.bench import Case
 
@@ -184,5 +184,8 @@ def bench_case(tiny: bool, device: str, dtype: torch.dtype):
     if torch.device(device).type == "cpu" or torch.cuda.get_device_capability() >= MIN_CAPABILITY:
         impls["torch._scaled_mm (row-wise)"] = lambda *t: torch._scaled_mm(
             t[6], t[8].t(), scale_a=t[7], scale_b=t[9].t().contiguous(), out_dtype=out)
+    baselines = tuple(name for name in impls if not name.startswith("v"))  # other roundings: not checked
     return Case("FP8 GEMM (V3 block scales)", f"M{M} N{N} K{K}", 2 * M * N * K, M * K + N * K + 2 * M * N,
-                make_inputs, impls, lambda *t: reference(*t[:4]), tol=0.3)
+                make_inputs, impls, lambda *t: reference(*t[:4]),
+                "the GEMM launch; the operands are quantized once, outside (as DeepGEMM's benchmark does)",
+                unchecked=baselines)

@@ -13,11 +13,12 @@ def test_bench_tiny_runs_end_to_end(tmp_path):
     results = bench.main(["--tiny", "--out", str(tmp_path)])
     checked = [r for r in results if r["checked"]]
     assert all(r["ok"] for r in checked), [(r["op"], r["impl"], r["rel_err"]) for r in checked if not r["ok"]]
-    assert {r["impl"] for r in results if not r["checked"]} == {"dense GEMMs, same FLOPs (not the op)"}
+    assert {r["impl"] for r in results if not r["checked"]} == {
+        "dense GEMMs, same FLOPs (not the op)", "torch.matmul", "torch._scaled_mm (row-wise)"}
     saved = json.loads((tmp_path / "results.json").read_text())
     ops = {r["op"] for r in saved["ops"]}
     assert ops == {"softmax", "rmsnorm", "matmul", "flash attention (causal)", "MLA decode (absorbed)",
-                   "MoE experts"}
+                   "MoE experts", "FP8 GEMM (V3 block scales)"}
     impls = {(r["op"], r["impl"]) for r in saved["ops"]}
     for step in ("v1", "v2", "v3 (paged)", "v2, plan + launch"):  # every ladder step is there
         assert ("MLA decode (absorbed)", step) in impls

@@ -97,11 +97,13 @@ def test_empty_rows():
 
 @needs_fp8_gpu
 def test_bench_case_runs_tiny():
-    """The benchmark entry (wired into dskernels.bench by the lead) runs and every implementation agrees."""
+    """The benchmark entry (in dskernels.bench) runs and every ladder step agrees with the reference."""
     from dskernels import bench
 
     case = fp8_gemm.bench_case(tiny=True, device=device.type,
                                dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     bench._run_case(case, device.type, warmup=0, reps=1, input_sets=1)
     assert {r["impl"] for r in case.results} >= {"v1", "v2", "torch.matmul", "torch._scaled_mm (row-wise)"}
-    assert all(r["ok"] for r in case.results), [(r["impl"], r["max_error"]) for r in case.results]
+    checked = [r for r in case.results if r["checked"]]  # the ladder; the baselines round differently
+    assert {r["impl"] for r in checked} == {"v1", "v2"}
+    assert all(r["ok"] for r in checked), [(r["impl"], r["rel_err"]) for r in checked]
