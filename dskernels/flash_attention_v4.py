@@ -435,3 +435,44 @@ def reference(q, k, v, causal: bool = False, scale: float | None = None) -> torc
     n_rep = q.shape[1] // k.shape[1]
     return scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale=scale,
                                         is_causal=causal)
+
+
+def bench_cases(tiny: bool, device: str, dtype: torch.dtype) -> list:
+    """`dskernels.bench` rows for v4 (to be appended to `bench._cases`): the causal forward at B4 H32 S4096
+    D128 next to PyTorch's SDPA, and the backward alone (dq, dk, dv from a forward run outside the timing)
+    next to SDPA's backward; timed by `bench._time_ms` like every row. --tiny: B1 H2 S64 D32."""
+    import torch.nn.functional as F
+
+    from dskernels.bench import Case, _randn
+
+    B, H, S, D = (1, 2, 64, 32) if tiny else (4, 32, 4096, 128)
+    size = dtype.itemsize
+    flops = 4 * B * H * S * S * D / 2  # causal: half of QK^T and PV
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    forward = Case("flash attention (causal)", f"B{B} H{H} S{S} D{D}", flops, 4 * B * H * S * D * size,
+                   lambda g: tuple(_randn(g, B, H, S, D, dtype=dtype, device=device) for _ in range(3)),
+                   {"v4": lambda q, k, v: flash_attention(q, k, v, causal=True), "SDPA": sdpa},
+                   lambda q, k, v: reference(q, k, v, causal=True), 2e-2 if dtype != torch.float32 else 1e-4)
+
+    def make_backward(g):
+        q, k, v, do = (_randn(g, B, H, S, D, dtype=dtype, device=device) for _ in range(4))
+        return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do
+
+    def timed_backward(attention):
+        graphs = {}  # one forward per input set, outside the timed call: only the backward is timed
+
+        def run(q, k, v, do):
+            key = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+            if key not in graphs:
+                graphs[key] = attention(q, k, v)
+            grads = torch.autograd.grad(graphs[key], (q, k, v), do, retain_graph=True)
+            return torch.cat([x.flatten() for x in grads])
+        return run
+
+    backward = Case("flash attention backward (causal)", f"B{B} H{H} S{S} D{D}", 2.5 * flops,
+                    (7 * B * H * S * D + 2 * B * H * S) * size, make_backward,  # read q k v o dO lse, write dq dk dv
+                    {"v4": timed_backward(lambda q, k, v: flash_attention(q, k, v, causal=True)),
+                     "SDPA": timed_backward(sdpa)},
+                    timed_backward(lambda q, k, v: reference(q, k, v, causal=True)),
+                    2e-2 if dtype != torch.float32 else 1e-4)
+    return [forward, backward]

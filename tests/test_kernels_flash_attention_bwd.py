@@ -199,3 +199,13 @@ def test_bad_input_is_named(device):
         fa4.flash_attention(q, q[:, :, :2].contiguous(), q[:, :, :2].contiguous(), causal=True)
     with pytest.raises(ValueError, match="scale: expected a positive number"):
         fa4.flash_attention(q, q, q, scale=-1.0)
+
+
+def test_bench_rows_run_and_agree(device):
+    from dskernels import bench
+
+    cases = fa4.bench_cases(True, device.type, torch.float32)
+    assert [c.op for c in cases] == ["flash attention (causal)", "flash attention backward (causal)"]
+    for case in cases:
+        bench._run_case(case, device.type, 0, 1, 2)
+        assert [(r["impl"], r["ok"]) for r in case.results] == [("v4", True), ("SDPA", True)]
