@@ -158,7 +158,7 @@ def test_causal_blocks_past_the_diagonal_are_skipped(device):
     assert bool(q.grad[:, :, :128].isfinite().all())
 
 
-def test_autotune_configs_fit_the_shared_memory():
+def test_autotune_configs_fit_the_shared_memory(device):
     h100, a100 = 232448, 166912
     assert INTERPRETER_SHARED_MEMORY == h100
     for itemsize in (2, 4):
@@ -175,7 +175,7 @@ def test_autotune_configs_fit_the_shared_memory():
     assert all(c[0] == 64 for c in fa4.fitting_forward_configs(256, 128, 4, h100))
     if interpreting():
         assert len(fa4._prune_forward(fa4.flash_attention_v4_fwd_tuned.configs,
-                                      {"q_ptr": torch.empty(1, dtype=torch.float16)},
+                                      {"q_ptr": torch.empty(1, dtype=torch.float16, device=device)},
                                       BLOCK_D=128, BLOCK_DV=128, D=128, DV=128)) == 1
 
 
