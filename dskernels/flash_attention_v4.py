@@ -469,6 +469,7 @@ def bench_cases(tiny: bool, device: str, dtype: torch.dtype) -> list:
             return torch.cat([x.flatten() for x in grads])
         return run
 
+    # FLOPs: 2.5x the forward's, FlashAttention-2's count (5 products; v4 does 7, recomputing S and dP for dQ)
     backward = Case("flash attention backward (causal)", f"B{B} H{H} S{S} D{D}", 2.5 * flops,
                     (7 * B * H * S * D + 2 * B * H * S) * size, make_backward,  # read q k v o dO lse, write dq dk dv
                     {"v4": timed_backward(lambda q, k, v: flash_attention(q, k, v, causal=True)),
