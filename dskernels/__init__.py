@@ -6,6 +6,7 @@ every step kept), a validating entry point and a `reference` that calls refimpl:
     dskernels.rowwise          softmax (one block per row; blocked online softmax) and RMSNorm
     dskernels.matmul           tiled tl.dot matmul: naive tiles, grouped ordering, autotuned
     dskernels.flash_attention  flash attention forward, causal or not; causal block skipping
+    dskernels.flash_attention_v4  its step v4: autotuned for Hopper, exp2, GQA, MLA heads; FA-2 backward
     dskernels.mla_decode       absorbed MLA decode over the latent cache: per head block, split-KV, paged
     dskernels.moe              routed experts: loop over experts, aligned grouped GEMM with fused SwiGLU
     dskernels.model            use_kernels(model): the kernels inside a refimpl model

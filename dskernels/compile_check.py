@@ -20,6 +20,8 @@ float8, so no float8 config exists):
                fits the target (the others are pruned by the wrapper);
   flash attn   v1/v2/v3, the default 64 x 64 blocks, head sizes 64, 128 and 192 (-> a 256 block: DeepSeek's
                qk_nope + qk_rope), causal;
+  flash attn v4  the forward in every autotune config that fits, its backward kernels; heads 128/128 and
+               MLA's 192/128, causal;
   MLA decode   v1/v2/v3 and the merge, DeepSeek-V3's 512 + 64 latent (block_h 16, block_n from the wrapper's
                pick) and a small 64 + 16 one;
   MoE          gate/up and down at the default 64-blocks.
@@ -41,6 +43,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 from dskernels import flash_attention as fa
+from dskernels import flash_attention_v4 as fa4
 from dskernels import matmul as mm
 from dskernels import mla_decode as md
 from dskernels import moe
@@ -134,6 +137,36 @@ def _flash_attention(dtype, budget) -> list[Config]:
     return out
 
 
+def _flash_attention_v4(dtype, budget) -> list[Config]:
+    """v4's forward in every autotune config that fits, and its backward kernels, at heads 128/128 and MLA's
+    192/128 (causal)."""
+    out = []
+    size, ieee = dtype.itemsize, dtype == torch.float32
+    types = {"scale": "fp32", "qk_scale": "fp32", "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+    for d, dv in ((128, 128), (192, 128)):
+        bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+        base = dict(D=d, DV=dv, CAUSAL=True, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=ieee)
+        for bm, bn, warps, stages in fa4.fitting_forward_configs(bd, bdv, size, budget):
+            out.append(_config(f"flash attention v4 fwd d={d}/{dv} {bm}x{bn} w{warps} s{stages}",
+                               fa4.flash_attention_v4_fwd_kernel, dtype, {**base, "BLOCK_M": bm, "BLOCK_N": bn},
+                               types, num_warps=warps, num_stages=stages,
+                               estimate=fa4.forward_shared_memory(bm, bn, bd, bdv, size, stages)))
+        try:
+            stages = fa4.pick_backward_stages(bd, bdv, dtype, budget)
+        except ValueError:  # refused by the wrapper: not a config it launches
+            continue
+        meta = {**base, "BLOCK_M": fa4.BWD_BLOCK_M, "BLOCK_N": fa4.BWD_BLOCK_N}
+        estimate = fa4.backward_shared_memory(fa4.BWD_BLOCK_M, fa4.BWD_BLOCK_N, bd, bdv, size, stages)
+        for name, kernel in (("dk/dv", fa4.flash_attention_v4_bwd_dkdv_kernel),
+                             ("dq", fa4.flash_attention_v4_bwd_dq_kernel)):
+            out.append(_config(f"flash attention v4 bwd {name} d={d}/{dv}", kernel, dtype, meta, types,
+                               num_warps=fa4.BWD_WARPS, num_stages=stages, estimate=estimate))
+        out.append(_config(f"flash attention v4 bwd preprocess dv={dv}",
+                           fa4.flash_attention_v4_bwd_preprocess_kernel, dtype,
+                           dict(DV=dv, BLOCK_M=64, BLOCK_DV=bdv), types))
+    return out
+
+
 def _mla_decode(dtype, budget) -> list[Config]:
     out = []
     types = {"scale": "fp32", "seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "part_out_ptr": "*fp32",
@@ -168,7 +201,8 @@ def _moe(dtype, budget) -> list[Config]:
                     estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1))]
 
 
-FAMILIES = {"rowwise": _rowwise, "matmul": _matmul, "flash_attention": _flash_attention, "mla_decode": _mla_decode,
+FAMILIES = {"rowwise": _rowwise, "matmul": _matmul, "flash_attention": _flash_attention,
+            "flash_attention_v4": _flash_attention_v4, "mla_decode": _mla_decode,
             "moe": _moe}
 
 

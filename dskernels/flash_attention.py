@@ -19,6 +19,7 @@ Ladder:
   v3: masks only where needed: the key blocks every query of the block sees in full (before the diagonal,
       inside kv_len) run in a first loop with no mask at all; only the last few blocks (the diagonal and a
       partial last block) pay for masked loads and the tl.where.
+  v4: dskernels.flash_attention_v4: autotuned 128-row blocks, exp2, GQA, MLA head sizes, and the backward.
 """
 
 import torch
@@ -28,7 +29,7 @@ import triton.language as tl
 from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
 from refimpl.attention import scaled_dot_product_attention
 
-STEPS = ("v1", "v2", "v3")
+STEPS = ("v1", "v2", "v3", "v4")
 MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2: 65,535)
 
 
@@ -256,6 +257,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name}: expected a power of two >= 16 (tl.dot's minimum on a GPU), got {size}")
+    if step == "v4":  # a module of its own: autotuned blocks (block_m/block_n unused), autograd
+        from dskernels.flash_attention_v4 import flash_attention as flash_attention_v4
+        return flash_attention_v4(q, k, v, causal=causal, scale=scale)
     scale = d ** -0.5 if scale is None else scale
     d_v = v.shape[3]
     out = torch.empty(batch, heads, q_len, d_v, dtype=q.dtype, device=q.device)
