@@ -247,6 +247,9 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
     from dskernels import fp8_gemm  # the FP8 GEMM of lesson 20 (DeepSeek-V3's block scales)
 
     cases.append(fp8_gemm.bench_case(tiny, device, dtype))
+    from dskernels import flash_attention_v4  # forward tuned for Hopper, and the backward pass (lesson 15)
+
+    cases += flash_attention_v4.bench_cases(tiny, device, dtype)
     return cases
 
 
