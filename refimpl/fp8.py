@@ -65,12 +65,14 @@ def quantize_blocks(x: torch.Tensor, block: tuple[int, int], dtype: torch.dtype 
     Returns x_q [R, C] `dtype` and scale [ceil(R / br), ceil(C / bc)] float32 with x ~ x_q * scale (block
     by block), scale = the block's max-abs / the format's largest value (448 for E4M3), so each block's
     largest value lands on the format's largest. An all-zero block gets scale 1.
-    Raises TypeError (not a floating tensor, unknown dtype), ValueError (not 2-d, block sizes < 1).
+    Raises TypeError (not a floating tensor, unknown dtype), ValueError (not 2-d, block not a pair of ints >= 1).
     Source: V3 section 3.3.2; DeepGEMM's per_token_cast_to_fp8 / per_block_cast_to_fp8.
     """
     check_tensor("x", x, ndim=2, dtype_floating=True)
     if dtype not in FORMATS:
         raise TypeError(f"dtype: expected one of {FORMATS}, got {dtype}")
+    if not isinstance(block, (tuple, list)) or len(block) != 2:
+        raise ValueError(f"block: expected a pair (rows, columns) such as (1, 128), got {block!r}")
     check_int("block[0]", block[0], 1)
     check_int("block[1]", block[1], 1)
     q, scale = _quantize_blocked(x, block, dtype)

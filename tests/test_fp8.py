@@ -96,6 +96,8 @@ def test_bad_input_is_named():
         fp8.dequantize_blocks(a_q, sa[:, :1], (1, 128))
     with pytest.raises(TypeError, match="dtype: expected one of"):
         fp8.quantize_blocks(torch.randn(4, 128), (1, 128), torch.float16)
+    with pytest.raises(ValueError, match=r"block: expected a pair \(rows, columns\)"):
+        fp8.quantize_blocks(torch.randn(4, 128), (128,))
     with pytest.raises(ValueError, match="in_features: expected K .* multiple of 128.* got K=100"):
         fp8.FP8Linear(100, 128)
     with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
