@@ -402,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_int("steps", args.steps, 1)
         check_int("threads", args.threads, 1)
+        if args.out.is_dir():
+            raise ValueError(f"out: expected a JSON file name, got the folder {args.out}")
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)
@@ -412,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     fp8_loss, bf16_loss = (log["runs"][r]["eval_loss"][-1] for r in ("fp8", "bf16"))
     print(f"eval loss after {args.steps} steps: fp8 {fp8_loss:.4f}, bf16 {bf16_loss:.4f}, "
           f"relative difference {(fp8_loss - bf16_loss) / bf16_loss:+.2%}")
-    print(f"wrote {args.out.name} in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------------- checks

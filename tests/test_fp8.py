@@ -194,6 +194,12 @@ def test_convert_to_fp8_refuses_k_below_128_by_name():
         fp8.convert_to_fp8(DeepSeekForCausalLM(fp8.fp8_config()).bfloat16())
 
 
+def test_experiment_command_refuses_a_folder_as_out_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fp8.main(["train", "--steps", "2", "--out", str(tmp_path)])
+    assert "out: expected a JSON file name, got the folder" in capsys.readouterr().err
+
+
 def test_experiment_command_writes_its_log(tmp_path):
     out = tmp_path / "log.json"
     fp8.main(["train", "--steps", "2", "--out", str(out)])
