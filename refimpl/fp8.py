@@ -404,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
         check_int("threads", args.threads, 1)
         if args.out.is_dir():
             raise ValueError(f"out: expected a JSON file name, got the folder {args.out}")
+        if args.out == EXPERIMENT_LOG and args.steps != EXPERIMENT["steps"]:
+            raise ValueError(f"out: --steps {args.steps} differs from the experiment's {EXPERIMENT['steps']} and "
+                             f"would overwrite the committed log the lessons assert on; give --out FILE")
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)

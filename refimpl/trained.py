@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
             check_int("steps", args.steps, 1)
         if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"out: expected a folder (new or existing), got the file {args.out}")
+        if args.out is None and args.steps not in (None, recipe(args.name).steps):
+            raise ValueError(f"out: --steps {args.steps} differs from the recipe's {recipe(args.name).steps} and "
+                             f"would overwrite the committed model the lessons assert on; give --out FOLDER")
     except ValueError as error:
         parser.error(str(error))
     folder = build(args.name, args.steps, args.out)

@@ -198,6 +198,9 @@ def test_experiment_command_refuses_a_folder_as_out_before_training(tmp_path, ca
     with pytest.raises(SystemExit):
         fp8.main(["train", "--steps", "2", "--out", str(tmp_path)])
     assert "out: expected a JSON file name, got the folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fp8.main(["train", "--steps", "2"])
+    assert "would overwrite the committed log" in capsys.readouterr().err
 
 
 def test_experiment_command_writes_its_log(tmp_path):

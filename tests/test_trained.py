@@ -62,5 +62,9 @@ def test_bad_names_and_steps_are_refused(tmp_path):
     a_file.write_text("")
     with pytest.raises(ValueError, match="out: expected a folder .*got the file"):
         trained.build("tiny-deepseek", steps=1, out=a_file)
+    with pytest.raises(SystemExit):
+        trained.main(["build", "tiny-deepseek", "--steps", "5"])
+    with pytest.raises(SystemExit):
+        trained.main(["build", "tiny-deepseek", "--steps", "1", "--out", str(a_file)])
     with pytest.raises(ValueError, match="already registered"):
         trained.register(trained.recipe("tiny-deepseek"))
