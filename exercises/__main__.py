@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "release":
+        unknown = [name for name in args.names if name not in assignments.names()]
+        if unknown:
+            parser.error(f"NAME: expected names from {assignments.names()}, got {unknown}")
         from exercises.release import DEFAULT_OUT, ReleaseError, release
         try:
             written = release(args.names or None, args.out or DEFAULT_OUT)

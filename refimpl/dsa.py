@@ -327,7 +327,13 @@ def train_indexer(model: DeepSeekV32ForCausalLM, batches, *, steps: int, lr: flo
     selected keys S_t, and the main model trains on the next-token loss at the same time (V3.2: lr 7.3e-6,
     15000 steps); the indexer's detached input keeps the two losses apart. The returned loss is the indexers'
     KL (summed over layers) in both stages. AdamW (betas 0.9, 0.95, no weight decay); the model's sparse
-    setting and train/eval mode are restored afterwards; the selection rule must be "indexer"."""
+    setting and train/eval mode are restored afterwards; the selection rule must be "indexer".
+    Raises TypeError when `model` is not a DeepSeekV32ForCausalLM (a dense model has no indexers: use
+    `DeepSeekV32ForCausalLM.from_dense`); ValueError for steps < 1, another stage, lr <= 0, another selection
+    rule, or fewer batches than steps."""
+    if not isinstance(model, DeepSeekV32ForCausalLM):
+        raise TypeError(f"model: expected a DeepSeekV32ForCausalLM (DeepSeekV32ForCausalLM.from_dense adds "
+                        f"indexers to a dense model), got {type(model).__name__}")
     check_int("steps", steps, 1)
     if stage not in ("warmup", "sparse"):
         raise ValueError(f"stage: expected 'warmup' or 'sparse', got {stage!r}")

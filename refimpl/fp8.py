@@ -65,12 +65,14 @@ def quantize_blocks(x: torch.Tensor, block: tuple[int, int], dtype: torch.dtype 
     Returns x_q [R, C] `dtype` and scale [ceil(R / br), ceil(C / bc)] float32 with x ~ x_q * scale (block
     by block), scale = the block's max-abs / the format's largest value (448 for E4M3), so each block's
     largest value lands on the format's largest. An all-zero block gets scale 1.
-    Raises TypeError (not a floating tensor, unknown dtype), ValueError (not 2-d, block sizes < 1).
+    Raises TypeError (not a floating tensor, unknown dtype), ValueError (not 2-d, block not a pair of ints >= 1).
     Source: V3 section 3.3.2; DeepGEMM's per_token_cast_to_fp8 / per_block_cast_to_fp8.
     """
     check_tensor("x", x, ndim=2, dtype_floating=True)
     if dtype not in FORMATS:
         raise TypeError(f"dtype: expected one of {FORMATS}, got {dtype}")
+    if not isinstance(block, (tuple, list)) or len(block) != 2:
+        raise ValueError(f"block: expected a pair (rows, columns) such as (1, 128), got {block!r}")
     check_int("block[0]", block[0], 1)
     check_int("block[1]", block[1], 1)
     q, scale = _quantize_blocked(x, block, dtype)
@@ -400,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_int("steps", args.steps, 1)
         check_int("threads", args.threads, 1)
+        if args.out.is_dir():
+            raise ValueError(f"out: expected a JSON file name, got the folder {args.out}")
+        if args.out == EXPERIMENT_LOG and args.steps != EXPERIMENT["steps"]:
+            raise ValueError(f"out: --steps {args.steps} differs from the experiment's {EXPERIMENT['steps']} and "
+                             f"would overwrite the committed log the lessons assert on; give --out FILE")
     except ValueError as error:
         parser.error(str(error))
     torch.set_num_threads(args.threads)
@@ -410,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     fp8_loss, bf16_loss = (log["runs"][r]["eval_loss"][-1] for r in ("fp8", "bf16"))
     print(f"eval loss after {args.steps} steps: fp8 {fp8_loss:.4f}, bf16 {bf16_loss:.4f}, "
           f"relative difference {(fp8_loss - bf16_loss) / bf16_loss:+.2%}")
-    print(f"wrote {args.out.name} in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------------- checks

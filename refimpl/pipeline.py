@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refimpl.checks import check_int
+from refimpl.checks import check_int, check_number, check_shape, check_token_ids
 from refimpl.model import DeepSeekForCausalLM
 
 # name -> (torch class name, stages per rank, placement of stages on ranks)
@@ -263,13 +263,23 @@ def run_schedules(model: DeepSeekForCausalLM, input_ids: torch.Tensor, targets: 
 
     input_ids, targets: [batch, seq] int64, batch divisible by n_microbatches. world_size: 1 to 4. The model's
     dtype is kept (float64 makes the comparison exact to rounding). Raises ValueError for a schedule this torch
-    lacks, a split that does not divide the layers or micro-batches a schedule cannot take; RuntimeError when a
-    rank fails or hangs (after TIMEOUT_S).
+    lacks, a split that does not divide the layers or micro-batches a schedule cannot take, an empty
+    `schedules`, targets not shaped like input_ids, a learning rate that is not a positive number; TypeError for
+    `schedules` given as one string; RuntimeError when a rank fails or hangs (after TIMEOUT_S). The ranks are
+    spawned: from a script, call this under `if __name__ == "__main__":` (Python's multiprocessing rule).
     """
     check_int("world_size", world_size, 1)
     if world_size > 4:
         raise ValueError(f"world_size: expected at most 4 CPU processes, got {world_size}")
+    check_token_ids("input_ids", input_ids, model.config.vocab_size)
+    check_token_ids("targets", targets, model.config.vocab_size)
+    check_shape("targets", targets, tuple(input_ids.shape))
+    check_number("lr", lr, positive=True)
     schedules = available_schedules() if schedules is None else schedules
+    if isinstance(schedules, str):
+        raise TypeError(f"schedules: expected a list of schedule names, got the string {schedules!r}")
+    if not schedules:
+        raise ValueError(f"schedules: expected at least one of {available_schedules()}, got none")
     for name in schedules:
         if name not in available_schedules():
             raise ValueError(f"schedule: {name!r} is not in this torch ({torch.__version__}); "
@@ -468,7 +478,11 @@ def bubble(slots: list[Slot]) -> dict[int, float]:
 
 def bubble_formula(schedule: str, pp: int, F: float, B: float, W: float, FB: float) -> float:
     """V3 Table 2's bubble for `schedule` ("1F1B", "ZB1P", "DualPipe", "DualPipeV") with `pp` pipeline ranks
-    (DualPipeV: pp = twice its ranks, as in the DualPipe README). F, B, W, FB: see the module docstring."""
+    (DualPipeV: pp = twice its ranks, as in the DualPipe README). F, B, W, FB: see the module docstring.
+    Raises ValueError for another schedule, pp < 1, or an odd pp for DualPipe / DualPipeV."""
+    check_int("pp", pp, 1)
+    if schedule in ("DualPipe", "DualPipeV") and pp % 2:
+        raise ValueError(f"pp: {schedule} expected an even number of pipeline stages, got {pp}")
     formulas = {"1F1B": (pp - 1) * (F + B), "ZB1P": (pp - 1) * (F + B - 2 * W),
                 "DualPipe": (pp / 2 - 1) * (FB + B - 3 * W), "DualPipeV": (pp / 2 - 1) * (FB + B - 3 * W)}
     if schedule not in formulas:

@@ -125,11 +125,16 @@ def eval_batches(ids: torch.Tensor, r: Recipe, num_batches: int = EVAL_BATCHES) 
 
 # ---------------------------------------------------------------------------------------------- building
 def build(name: str, steps: int | None = None, out: str | Path | None = None, progress: bool = True) -> Path:
-    """Train recipe `name` (for `steps`, default the recipe's) and write the folder; -> the folder."""
+    """Train recipe `name` (for `steps`, default the recipe's) and write the folder; -> the folder.
+
+    Raises ValueError for an unknown recipe, steps < 1, or `out` naming an existing file (checked before
+    training)."""
     r = recipe(name)
     steps = r.steps if steps is None else steps
     check_int("steps", steps, 1)
     folder = Path(out) if out is not None else MODELS_DIR / name
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"out: expected a folder (new or existing), got the file {folder}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # steadier step times on a shared machine; at this size a second thread gains little
     try:
@@ -218,7 +223,7 @@ def read_log(name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m refimpl.trained list | build NAME [--steps N] [--out FOLDER]`."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m refimpl.trained", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the registered recipes")
     build_parser = commands.add_parser("build", help="train a recipe and write its folder")
@@ -234,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
         recipe(args.name)
         if args.steps is not None:
             check_int("steps", args.steps, 1)
+        if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"out: expected a folder (new or existing), got the file {args.out}")
+        if args.out is None and args.steps not in (None, recipe(args.name).steps):
+            raise ValueError(f"out: --steps {args.steps} differs from the recipe's {recipe(args.name).steps} and "
+                             f"would overwrite the committed model the lessons assert on; give --out FOLDER")
     except ValueError as error:
         parser.error(str(error))
     folder = build(args.name, args.steps, args.out)

@@ -265,3 +265,5 @@ def test_train_indexer_refuses_bad_input(tiny):
     model.set_sparse(True, selection="recent")
     with pytest.raises(ValueError, match="selection: train_indexer trains"):
         train_indexer(model, batches, steps=1)
+    with pytest.raises(TypeError, match="model: expected a DeepSeekV32ForCausalLM .*from_dense"):
+        train_indexer(base, batches, steps=1)

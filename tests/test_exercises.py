@@ -50,6 +50,14 @@ def test_release_strips_solutions_tests_and_outputs(released):
     assert release.find_leaks(released, [assignments.load(n).path for n in names]) == []
 
 
+def test_release_refuses_an_unknown_name_in_one_line(tmp_path, capsys):
+    from exercises.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["release", "09_parallelism", "--out", str(tmp_path)])
+    assert "NAME: expected names from ['01_attention'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_leak_scan_finds_a_surviving_solution_line(released, tmp_path):
     source = assignments.load("01_attention").path
     secret = sorted(release.solution_lines(source))[0]

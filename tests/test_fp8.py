@@ -96,6 +96,8 @@ def test_bad_input_is_named():
         fp8.dequantize_blocks(a_q, sa[:, :1], (1, 128))
     with pytest.raises(TypeError, match="dtype: expected one of"):
         fp8.quantize_blocks(torch.randn(4, 128), (1, 128), torch.float16)
+    with pytest.raises(ValueError, match=r"block: expected a pair \(rows, columns\)"):
+        fp8.quantize_blocks(torch.randn(4, 128), (128,))
     with pytest.raises(ValueError, match="in_features: expected K .* multiple of 128.* got K=100"):
         fp8.FP8Linear(100, 128)
     with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
@@ -190,6 +192,15 @@ def test_convert_to_fp8_refuses_k_below_128_by_name():
     assert type(model.model.layers[0].self_attn.q_a_proj) is nn.Linear  # nothing changed
     with pytest.raises(TypeError, match="expected float32 master weights"):
         fp8.convert_to_fp8(DeepSeekForCausalLM(fp8.fp8_config()).bfloat16())
+
+
+def test_experiment_command_refuses_a_folder_as_out_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fp8.main(["train", "--steps", "2", "--out", str(tmp_path)])
+    assert "out: expected a JSON file name, got the folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fp8.main(["train", "--steps", "2"])
+    assert "would overwrite the committed log" in capsys.readouterr().err
 
 
 def test_experiment_command_writes_its_log(tmp_path):

@@ -90,6 +90,22 @@ def test_bad_splits_and_microbatches_are_refused_by_name():
         P.run_schedules(model, ids, ids, world_size=5)
 
 
+def test_careless_run_arguments_are_refused_before_spawning():
+    model, ids = _model(), torch.zeros(8, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"targets: expected shape \(8, 4\), got \(8, 3\)"):
+        P.run_schedules(model, ids, ids[:, :3], schedules=["1F1B"])
+    with pytest.raises(TypeError, match="schedules: expected a list of schedule names"):
+        P.run_schedules(model, ids, ids, schedules="1F1B")
+    with pytest.raises(ValueError, match="schedules: expected at least one"):
+        P.run_schedules(model, ids, ids, schedules=[])
+    with pytest.raises(ValueError, match="lr: expected a positive number, got nan"):
+        P.run_schedules(model, ids, ids, schedules=["1F1B"], lr=float("nan"))
+    with pytest.raises(ValueError, match="pp: expected an int >= 1, got 0"):
+        P.bubble_formula("1F1B", 0, 1.0, 1.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="pp: DualPipe expected an even number"):
+        P.bubble_formula("DualPipe", 3, 1.0, 1.0, 1.0, 2.0)
+
+
 # ------------------------------------------------------------------------------------------------ simulator
 def _durations(seed: int) -> dict[str, float]:
     """Random durations with W no longer than F or I = B - W (as in real layers, where W is about I)."""

@@ -53,10 +53,18 @@ def test_committed_models_load_and_reproduce_their_final_loss():
         assert loss == pytest.approx(log["final_loss"], rel=0.02)  # bfloat16 weights: close, not equal
 
 
-def test_bad_names_and_steps_are_refused():
+def test_bad_names_and_steps_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"recipe: expected one of \['tiny-deepseek', 'tiny-deepseek-mtp'"):
         trained.build("tiny-deepsek")
     with pytest.raises(ValueError, match="steps"):
         trained.build("tiny-deepseek", steps=0)
+    a_file = tmp_path / "model"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="out: expected a folder .*got the file"):
+        trained.build("tiny-deepseek", steps=1, out=a_file)
+    with pytest.raises(SystemExit):
+        trained.main(["build", "tiny-deepseek", "--steps", "5"])
+    with pytest.raises(SystemExit):
+        trained.main(["build", "tiny-deepseek", "--steps", "1", "--out", str(a_file)])
     with pytest.raises(ValueError, match="already registered"):
         trained.register(trained.recipe("tiny-deepseek"))
