@@ -13,7 +13,9 @@ of running it (the AST of each test file, the code cells of each notebook) and a
    argument's device and are fine.
 2. An `nn.Module` built there (a class the file imports or defines that subclasses `torch.nn.Module`) gets
    `device=`, is chained with `.to(device)`, or the name it is assigned to is `.to(device)`-ed in the file.
-3. Opt-out: a comment containing `cpu-only` on the statement's lines (e.g. data only plotted, or a CPU tensor a
+3. Opt-out: a test file whose own line starts with `# cpu-only file:` and says why (it launches no kernel on
+   the device: an interpreter-only test, or one of the checker alone); or a comment containing `cpu-only` on
+   the statement's lines (e.g. data only plotted, or a CPU tensor a
    test passes on purpose to see it refused), with the reason beside it.
 
 A device is a name ending in `device` (DEVICE, device), an attribute `.device`, a string starting with "cuda",
@@ -231,10 +233,16 @@ class Lint:
         return Fault(where, code if len(code) <= 70 else code[:67] + "...", why)
 
 
+FILE_OPT_OUT = "# cpu-only file:"  # a test file that launches no kernel on the device, with the reason
+
+
 def lint_file(path: Path) -> list[Fault]:
     if path.suffix == ".ipynb":
         return Lint(*notebook_source(path)).faults()
-    return Lint(path.read_text()).faults()
+    source = path.read_text()
+    if any(line.startswith(FILE_OPT_OUT) for line in source.splitlines()):
+        return []
+    return Lint(source).faults()
 
 
 # ------------------------------------------------------------------------------------------------- the checks

@@ -86,4 +86,4 @@ def test_bad_input_is_named(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CPU tensor refused: only a GPU run refuses it")
 def test_cpu_tensor_refused_on_a_gpu_machine():
     with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
-        rowwise.softmax(torch.randn(2, 3))
+        rowwise.softmax(torch.randn(2, 3))  # cpu-only: the point of the test
