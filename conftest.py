@@ -78,3 +78,11 @@ def pytest_terminal_summary(terminalreporter, config):
     if over:
         terminalreporter.write_line(f"FAILED: all notebooks together took {over[0]:.0f} s, over the limit of "
                                     f"{over[1]:.0f} s (notebooks_total_time_limit)", red=True)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device kernel tests make every tensor they pass to a kernel on: the GPU when there is one (kernels
+    compiled), else the CPU (kernels under Triton's interpreter). Tests write `device=device` on each factory
+    (or `.to(device)`), which `tests/test_device_lint.py` checks statically."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

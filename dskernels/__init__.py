@@ -10,6 +10,9 @@ every step kept), a validating entry point and a `reference` that calls refimpl:
     dskernels.moe              routed experts: loop over experts, aligned grouped GEMM with fused SwiGLU
     dskernels.model            use_kernels(model): the kernels inside a refimpl model
     dskernels.bench            python -m dskernels.bench: the GPU benchmark (--tiny runs under the interpreter)
+    dskernels.gpu_run          python -m dskernels.gpu_run: tests, correctness sweep, lessons, benchmark on a GPU
+    dskernels.compile_check    every kernel and configuration compiled for sm_90 and sm_80, on any machine
+    dskernels._checks          input checks, the shared-memory budget, and the output checker (compare)
 
 Without a CUDA GPU, importing `dskernels` sets TRITON_INTERPRET=1 (unless it is set already): Triton's
 interpreter is the only way kernels run there, and Triton reads the variable when `triton` is first imported

@@ -25,10 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import check_kernel_input, check_like
+from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
 from refimpl.attention import scaled_dot_product_attention
 
 STEPS = ("v1", "v2", "v3")
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2: 65,535)
 
 
 @triton.jit
@@ -36,10 +37,12 @@ def flash_attention_v1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, q_len, kv_len, scale,
                               D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
-    """Program (i, bh): queries i*BLOCK_M ... of batch x head bh; q [bh, q_len, D], k [bh, kv_len, D],
+    """Program bh * q_blocks + i: queries i*BLOCK_M ... of batch x head bh; q [bh, q_len, D], k [bh, kv_len, D],
     v [bh, kv_len, DV], o [bh, q_len, DV], all contiguous."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    # one grid axis (q blocks of one batch x head in a row): axis 0 allows 2^31 - 1 programs, axis 1 only 65,535
+    q_blocks = tl.cdiv(q_len, BLOCK_M)
+    start_m = (tl.program_id(0) % q_blocks) * BLOCK_M
+    bh = (tl.program_id(0) // q_blocks).to(tl.int64)  # 64-bit: bh * q_len * D passes 2^31 (B17 H32 S32K D128)
     rows = start_m + tl.arange(0, BLOCK_M)  # query indices [BLOCK_M]
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -85,8 +88,9 @@ def flash_attention_v2_kernel(q_ptr, k_ptr, v_ptr, o_ptr, q_len, kv_len, scale,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
     """As v1, but with CAUSAL the loop ends at the last key the last query of this block can see."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    q_blocks = tl.cdiv(q_len, BLOCK_M)
+    start_m = (tl.program_id(0) % q_blocks) * BLOCK_M
+    bh = (tl.program_id(0) // q_blocks).to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -136,8 +140,9 @@ def flash_attention_v3_kernel(q_ptr, k_ptr, v_ptr, o_ptr, q_len, kv_len, scale,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
     """As v2, with the key loop split in two: unmasked full blocks, then the masked rest."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    q_blocks = tl.cdiv(q_len, BLOCK_M)
+    start_m = (tl.program_id(0) % q_blocks) * BLOCK_M
+    bh = (tl.program_id(0) // q_blocks).to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -203,6 +208,27 @@ def flash_attention_v3_kernel(q_ptr, k_ptr, v_ptr, o_ptr, q_len, kv_len, scale,
 
 
 KERNELS = {"v1": flash_attention_v1_kernel, "v2": flash_attention_v2_kernel, "v3": flash_attention_v3_kernel}
+NUM_STAGES = (3, 2, 1)  # tried in this order: the first whose estimate fits the shared memory budget
+
+
+def shared_memory_estimate(block_m: int, block_n: int, block_d: int, block_dv: int, itemsize: int,
+                           num_stages: int) -> int:
+    """An upper estimate of a program's shared memory (bytes): max(num_stages - 1, 1) pipeline buffers of a
+    key block [block_n, block_d] and a value block [block_n, block_dv], the queries [block_m, block_d], the
+    probabilities [block_m, block_n] in float32 (layout conversion) and 1 KiB of scratch; checked against what
+    Triton reports for sm_80 and sm_90 in tests/test_kernels_compile.py."""
+    kv = block_n * (block_d + block_dv) * itemsize
+    return max(num_stages - 1, 1) * kv + block_m * block_d * itemsize + block_m * block_n * 4 + 1024
+
+
+def pick_num_stages(block_m: int, block_n: int, block_d: int, block_dv: int, dtype: torch.dtype,
+                    budget: int) -> int:
+    """The most pipeline stages whose `shared_memory_estimate` fits `budget`; ValueError naming the blocks
+    when even one stage does not fit."""
+    def estimate(stages: int) -> int:
+        return shared_memory_estimate(block_m, block_n, block_d, block_dv, dtype.itemsize, stages)
+    return most_stages_that_fit(estimate, budget, NUM_STAGES, f"block_m={block_m}, block_n={block_n}: a program "
+                                f"with head sizes up to {block_d}/{block_dv} in {dtype}")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -235,10 +261,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     out = torch.empty(batch, heads, q_len, d_v, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    grid = (triton.cdiv(q_len, block_m), batch * heads)
+    grid = (triton.cdiv(q_len, block_m) * batch * heads,)
+    if grid[0] > MAX_GRID_X:
+        raise ValueError(f"q: {grid[0]} programs (q blocks x batch x heads) exceed CUDA's grid limit of "
+                         f"{MAX_GRID_X}; use a larger block_m")
+    block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(d_v))
+    stages = pick_num_stages(block_m, block_n, block_d, block_dv, q.dtype, shared_memory_budget(q.device))
     KERNELS[step][grid](q, k, v, out, q_len, kv_len, scale, D=d, DV=d_v, CAUSAL=causal,
-                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                        BLOCK_DV=max(16, triton.next_power_of_2(d_v)), IEEE=q.dtype == torch.float32)
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                        IEEE=q.dtype == torch.float32, num_stages=stages)
     return out
 
 

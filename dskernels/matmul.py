@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import check_kernel_input, check_like, interpreting
+from dskernels._checks import (check_kernel_input, check_like, interpreting, most_stages_that_fit,
+                               shared_memory_budget)
 
 STEPS = ("v1", "v2", "v3")
 
@@ -38,9 +39,9 @@ def matmul_v1_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M], 64-bit: rows * stride > 2^31
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)  # [BLOCK_K]; 64-bit: k * stride_bk (K * N) may pass 2^31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
@@ -71,9 +72,9 @@ def matmul_v2_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
     group_size_m = min(tiles_m - first_m, GROUP_M)  # the last group may have fewer rows of tiles
     pid_m = first_m + (pid % programs_per_group) % group_size_m
     pid_n = (pid % programs_per_group) // group_size_m
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptr + rows[:, None] * stride_am + (k0 + ks)[None, :] * stride_ak,
@@ -99,26 +100,58 @@ def _autotune_configs():
     return configs
 
 
-def _first_config_under_interpreter(configs, named_args, **kwargs):
-    """The interpreter cannot time kernels: keep one config there (all of them on a GPU)."""
-    return configs[:1] if interpreting() else configs
+def shared_memory_estimate(block_m: int, block_n: int, block_k: int, itemsize: int, num_stages: int) -> int:
+    """An upper estimate of a program's shared memory (bytes): max(num_stages - 1, 1) pipeline buffers of an
+    A tile [block_m, block_k] and a B tile [block_k, block_n] (what Triton reports for sm_80 and sm_90; checked
+    in tests/test_kernels_compile.py)."""
+    return max(num_stages - 1, 1) * (block_m * block_k + block_k * block_n) * itemsize
+
+
+NUM_STAGES = (4, 3, 2, 1)  # steps v1, v2: the first that fits the shared memory budget
+
+
+def pick_num_stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, budget: int) -> int:
+    """The most pipeline stages whose `shared_memory_estimate` fits `budget`; ValueError naming the blocks
+    when even one stage does not fit."""
+    def estimate(stages: int) -> int:
+        return shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages)
+    return most_stages_that_fit(estimate, budget, NUM_STAGES,
+                                f"block_m={block_m}, block_n={block_n}, block_k={block_k}: a {dtype} tile")
+
+
+def fitting_configs(configs, itemsize: int, budget: int) -> list:
+    """The autotune configs whose `shared_memory_estimate` fits `budget` bytes."""
+    return [c for c in configs if shared_memory_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                         c.kwargs["BLOCK_K"], itemsize, c.num_stages) <= budget]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotune only the configs that fit this GPU's shared memory (all of them would be tried, and the
+    ones over the limit fail); the interpreter cannot time kernels: keep the first fitting one there."""
+    a = named_args["a_ptr"]
+    fitting = fitting_configs(configs, a.element_size(), shared_memory_budget(a.device))
+    if not fitting:
+        raise ValueError(f"matmul v3: no autotune config fits this GPU's {shared_memory_budget(a.device)} B of "
+                         f"shared memory per block in {a.dtype}; use step v2 with smaller blocks")
+    return fitting[:1] if interpreting() else fitting
 
 
 # v3: the v2 kernel, autotuned (a new jit function object, so v2 itself stays untuned)
 matmul_v3_kernel = triton.autotune(configs=_autotune_configs(), key=["M", "N", "K"],
-                                   prune_configs_by={"early_config_prune": _first_config_under_interpreter})(
+                                   prune_configs_by={"early_config_prune": _prune_configs})(
     triton.jit(matmul_v2_kernel.fn))
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, step: str = "v3", block_m: int = 64, block_n: int = 64,
            block_k: int = 64, group_m: int = 8) -> torch.Tensor:
-    """C = A @ B: a [M, K], b [K, N] float16/float32 (bfloat16 on a GPU), same dtype and device -> [M, N].
+    """C = A @ B: a [M, K], b [K, N] float16/float32 (bfloat16 on a GPU), same dtype and device, each row-major
+    or column-major (a transposed view such as an nn.Linear weight's .t() is read in place) -> [M, N].
 
     Accumulates in float32, exact fp32 products for float32 input. step "v1", "v2" use the given block sizes
     (each >= 16: `tl.dot` needs it on a GPU); "v3" picks them by autotuning. Raises TypeError/ValueError.
     """
-    check_kernel_input("a", a, (None, None))
-    check_like("b", b, a, "a", (a.shape[1], None))
+    check_kernel_input("a", a, (None, None), matrix_layout=True)
+    check_like("b", b, a, "a", (a.shape[1], None), matrix_layout=True)
     if step not in STEPS:
         raise ValueError(f"step: expected one of {STEPS}, got {step!r}")
     for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
@@ -137,11 +170,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor, step: str = "v3", block_m: int = 64
         matmul_v3_kernel[grid](*args, IEEE=ieee)
         return c
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    stages = pick_num_stages(block_m, block_n, block_k, a.dtype, shared_memory_budget(a.device))
     if step == "v1":
-        matmul_v1_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+        matmul_v1_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
+                               num_stages=stages)
     else:
         matmul_v2_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                               IEEE=ieee)
+                               IEEE=ieee, num_stages=stages)
     return c
 
 

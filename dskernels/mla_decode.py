@@ -22,18 +22,28 @@ Ladder:
   v3: v2 over a paged cache: the cache is a pool of pages of PAGE_SIZE tokens (64, as serving engines such
       as vLLM keep it), and block_table[b, i] names the page holding tokens i*PAGE_SIZE ... of sequence b,
       so sequences grow without reserving max_len rows each. Only the address computation changes.
-Sequences in a batch may have any lengths (seq_lens), >= 1.
+Sequences in a batch may have any lengths (seq_lens), 0 included: a padded serving batch has empty slots,
+whose output row is exactly zero in every step.
+
+Each entry point is a plan and a launch, as FlashMLA's get_mla_metadata and flash_mla_with_kvcache: the plan
+(`plan_decode`) validates the inputs, reading seq_lens and the block table on the host (device-to-host syncs),
+and picks the configuration (pipeline stages from the GPU's shared memory); the launch (`launch_decode`) only
+compares shapes and dtypes with the plan's (no sync) and launches, so a serving loop plans once per batch and
+a benchmark times the launch alone.
 """
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import check_kernel_input, check_like
+from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
 from refimpl.attention import scaled_dot_product_attention
 from refimpl.checks import check_int, check_shape
 
 STEPS = ("v1", "v2", "v3")
+MAX_SPLITS = 65535  # CUDA's limit on grid axis 2 (the splits)
 
 
 @triton.jit
@@ -43,7 +53,7 @@ def mla_decode_v1_kernel(q_latent_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, seq_lens_pt
                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     """Program (b, hb): heads hb*BLOCK_H ... of sequence b. q_latent [B, heads, C], q_pe [B, heads, R],
     c_kv [B, max_len, C], k_pe [B, max_len, R], out [B, heads, C]; C = kv_lora_rank, R = qk_rope_head_dim."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit: b * max_len * C passes 2^31 (B256 x 32K x 512)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     c = tl.arange(0, BLOCK_C)
     r = tl.arange(0, BLOCK_R)
@@ -77,7 +87,7 @@ def mla_decode_v1_kernel(q_latent_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, seq_lens_pt
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv)
         m = m_new
-    out = acc / l[:, None]
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # a length-0 sequence: an exact zero row, not 0/0
     tl.store(out_ptr + (b * heads + h[:, None]) * C + c[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(h[:, None] < heads) & (c[None, :] < C))
 
@@ -90,7 +100,7 @@ def mla_decode_v2_kernel(q_latent_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, seq_lens_pt
                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     """Program (b, hb, split): as v1 over the split-th chunk of sequence b's cache; writes a partial output
     part_out [B, heads, NUM_SPLITS, C] (float32) and its log-sum-exp part_lse [B, heads, NUM_SPLITS]."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(2)
     c = tl.arange(0, BLOCK_C)
@@ -143,14 +153,16 @@ def mla_decode_v2_kernel(q_latent_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, seq_lens_pt
 def merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, C: tl.constexpr, NUM_SPLITS: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program i: (sequence, head) i; out = sum_s exp(lse_s - max lse) out_s / sum_s exp(lse_s - max lse)."""
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     c = tl.arange(0, BLOCK_C)
     lse = tl.load(part_lse_ptr + i * NUM_SPLITS + s, mask=s < NUM_SPLITS, other=float("-inf"))  # [BLOCK_S]
-    weight = tl.exp(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+    lse_max = tl.max(lse, axis=0)  # -inf only for a length-0 sequence (every split empty)
+    weight = tl.exp(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # all 0 for a length-0 sequence
     part = tl.load(part_out_ptr + (i * NUM_SPLITS + s[:, None]) * C + c[None, :],
                    mask=(s[:, None] < NUM_SPLITS) & (c[None, :] < C), other=0.0)  # [BLOCK_S, BLOCK_C]
-    out = tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(weight[:, None] * part, axis=0) / tl.where(total > 0, total, 1.0)  # length 0: exact zeros
     tl.store(out_ptr + i * C + c, out.to(out_ptr.dtype.element_ty), mask=c < C)
 
 
@@ -162,7 +174,7 @@ def mla_decode_v3_kernel(q_latent_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, seq_lens_pt
                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
     """As v2, with c_kv [num_pages, PAGE_SIZE, C], k_pe [num_pages, PAGE_SIZE, R] and block_table
     [B, max_pages] (int32): one cache block = one page, found through the block table."""
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     split = tl.program_id(2)
     c = tl.arange(0, BLOCK_C)
@@ -211,79 +223,182 @@ def mla_decode_v3_kernel(q_latent_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, seq_lens_pt
     tl.store(part_lse_ptr + row, lse, mask=h < heads)
 
 
-def _check_queries_and_lengths(q_latent, q_pe, seq_lens, max_len: int | None):
+def _check_queries_and_lengths(q_latent, q_pe, seq_lens, max_len: int) -> None:
+    """Shapes, dtypes, devices of the queries and seq_lens, and 0 <= seq_lens <= max_len (host syncs)."""
     check_kernel_input("q_latent", q_latent, (None, None, None))
     batch, heads, _ = q_latent.shape
     check_like("q_pe", q_pe, q_latent, "q_latent", (batch, heads, None))
     check_kernel_input("seq_lens", seq_lens, (batch,), dtypes=(torch.int32, torch.int64))
     if seq_lens.device != q_latent.device:
         raise ValueError(f"seq_lens: expected device {q_latent.device} (that of q_latent), got {seq_lens.device}")
-    if batch and int(seq_lens.min()) < 1:
-        raise ValueError(f"seq_lens: expected lengths >= 1 (the new token is in the cache), "
-                         f"got {seq_lens.tolist()}")
-    if max_len is not None and batch and int(seq_lens.max()) > max_len:
-        raise ValueError(f"seq_lens: expected lengths <= {max_len} (the cache's length), got {seq_lens.tolist()}")
+    if batch and (int(seq_lens.min()) < 0 or int(seq_lens.max()) > max_len):
+        raise ValueError(f"seq_lens: expected lengths in [0, {max_len}] (the cache's length), got {seq_lens.tolist()}")
 
 
 def _check_sizes(num_splits: int, block_h: int, block_n: int) -> None:
     check_int("num_splits", num_splits, 1)
+    if num_splits > MAX_SPLITS:
+        raise ValueError(f"num_splits: expected at most {MAX_SPLITS} (CUDA's grid limit on axis 2), got {num_splits}")
     for name, size in (("block_h", block_h), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name}: expected a power of two >= 16 (tl.dot's minimum on a GPU), got {size}")
 
 
-def _common_meta(q_latent: torch.Tensor, q_pe: torch.Tensor, block_h: int) -> dict:
-    C, R = q_latent.shape[2], q_pe.shape[2]
-    # num_stages=2: a [64, 512] latent tile is 64 KiB in bfloat16, and each pipeline stage buffers one; three
-    # stages (Triton's default) come close to an SM's 227 KiB of shared memory on Hopper (an estimate, not
-    # yet measured on a GPU). The interpreter ignores it.
-    return dict(C=C, R=R, BLOCK_H=block_h, BLOCK_C=max(16, triton.next_power_of_2(C)),
-                BLOCK_R=max(16, triton.next_power_of_2(R)), IEEE=q_latent.dtype == torch.float32, num_stages=2)
+def shared_memory_estimate(C: int, R: int, block_h: int, block_n: int, itemsize: int, num_stages: int) -> int:
+    """An upper estimate of the shared memory (bytes) a decode program needs: max(num_stages - 1, 1) pipeline
+    buffers of a cache block [block_n, C + R], the queries [block_h, C + R], the probabilities
+    [block_h, block_n] in float32 (while their layout is converted) and 1 KiB of scratch. Fitted to what
+    Triton 3.9 reports for sm_90 (e.g. 188,480 B for C=512, R=64, 16 x 64 blocks, float32, 2 stages; this
+    estimate: 189,440); tests/test_kernels_compile.py checks it is never below the compiled size."""
+    width = next_pow2_16(C) + next_pow2_16(R)
+    block = block_n * width * itemsize
+    return max(num_stages - 1, 1) * block + block_h * width * itemsize + block_h * block_n * 4 + 1024
 
 
-def _merge(part_out, part_lse, out, num_splits: int) -> torch.Tensor:
-    batch, heads, C = out.shape
+def next_pow2_16(n: int) -> int:
+    """The block that covers n: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+NUM_STAGES = (3, 2, 1)  # tried in this order: the first whose estimate fits the shared memory budget
+BLOCK_N = (64, 32, 16)  # cache blocks tried when block_n is not given: the first that fits in one stage
+
+
+def pick_block_n(C: int, R: int, block_h: int, dtype: torch.dtype, budget: int) -> int:
+    """The largest cache block (64, 32, 16 tokens) whose one-stage estimate fits `budget` (64 on an H100 or
+    H200 in every dtype; 32 for float32 with a 512 latent on an A100); ValueError when none does."""
+    for block_n in BLOCK_N:
+        if shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, 1) <= budget:
+            return block_n
+    return pick_num_stages(C, R, block_h, BLOCK_N[-1], dtype, budget)  # raises, naming the sizes
+
+
+def pick_num_stages(C: int, R: int, block_h: int, block_n: int, dtype: torch.dtype, budget: int) -> int:
+    """The most pipeline stages (3, 2, 1) whose `shared_memory_estimate` fits `budget` bytes; ValueError
+    naming the sizes when even one stage does not fit (use a smaller block_n / block_h)."""
+    def estimate(stages: int) -> int:
+        return shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages)
+    return most_stages_that_fit(estimate, budget, NUM_STAGES, f"block_n={block_n}, block_h={block_h}: a decode "
+                                f"program over a {C}+{R} latent cache in {dtype}")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What `plan_decode` checked and chose: launch with tensors of these shapes and dtype only."""
+    step: str
+    q_shape: tuple  # (batch, heads, kv_lora_rank)
+    q_pe_shape: tuple
+    cache_shape: tuple  # c_kv: (batch, max_len, C), or the pages (num_pages, page_size, C)
+    k_pe_shape: tuple
+    table_shape: tuple | None  # block_table (batch, max_pages), paged only
+    dtype: torch.dtype
+    num_splits: int
+    block_h: int
+    block_n: int  # the page size for "v3"
+    num_stages: int
+
+
+def plan_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                seq_lens: torch.Tensor, step: str = "v2", num_splits: int = 4, block_h: int = 16,
+                block_n: int | None = None, block_table: torch.Tensor | None = None) -> DecodePlan:
+    """Validate a decode batch and choose its configuration (once per batch; reads seq_lens and block_table
+    on the host). Arguments as `mla_decode` (step "v1", "v2") or `mla_decode_paged` (step "v3", with
+    block_table; c_kv, k_pe are then the page pools and block_n their page size). Raises TypeError/ValueError
+    naming the bad argument, and ValueError when the blocks cannot fit the GPU's shared memory."""
+    if step not in STEPS:
+        raise ValueError(f"step: expected one of {STEPS}, got {step!r}")
+    check_kernel_input("q_latent", q_latent, (None, None, None))
+    batch, heads, C = q_latent.shape
+    check_like("q_pe", q_pe, q_latent, "q_latent", (batch, heads, None))
+    R = q_pe.shape[2]
+    table_shape = None
+    if step == "v3":
+        check_like("c_kv_pages", c_kv, q_latent, "q_latent", (None, None, C))
+        num_pages, block_n, _ = c_kv.shape
+        check_like("k_pe_pages", k_pe, q_latent, "q_latent", (num_pages, block_n, R))
+        check_kernel_input("block_table", block_table, (batch, None), dtypes=(torch.int32,))
+        _check_queries_and_lengths(q_latent, q_pe, seq_lens, block_table.shape[1] * block_n)
+        if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
+            raise ValueError(f"block_table: expected page numbers in [0, {num_pages}), got values from "
+                             f"{int(block_table.min())} to {int(block_table.max())}")
+        table_shape = tuple(block_table.shape)
+    else:
+        check_like("c_kv", c_kv, q_latent, "q_latent", (batch, None, C))
+        check_like("k_pe", k_pe, q_latent, "q_latent", (batch, c_kv.shape[1], R))
+        _check_queries_and_lengths(q_latent, q_pe, seq_lens, c_kv.shape[1])
+    budget = shared_memory_budget(q_latent.device)
+    if block_n is None:
+        _check_sizes(num_splits, block_h, 16)
+        block_n = pick_block_n(C, R, block_h, q_latent.dtype, budget)
+    _check_sizes(num_splits, block_h, block_n)
+    stages = pick_num_stages(C, R, block_h, block_n, q_latent.dtype, budget)
+    return DecodePlan(step, tuple(q_latent.shape), tuple(q_pe.shape), tuple(c_kv.shape), tuple(k_pe.shape),
+                      table_shape, q_latent.dtype, num_splits if step != "v1" else 1, block_h, block_n, stages)
+
+
+def _check_against_plan(plan: DecodePlan, q_latent, q_pe, c_kv, k_pe, seq_lens, block_table) -> None:
+    """Shapes and dtype as planned (no host sync)."""
+    got = (tuple(q_latent.shape), tuple(q_pe.shape), tuple(c_kv.shape), tuple(k_pe.shape),
+           None if block_table is None else tuple(block_table.shape))
+    want = (plan.q_shape, plan.q_pe_shape, plan.cache_shape, plan.k_pe_shape, plan.table_shape)
+    if got != want or q_latent.dtype != plan.dtype or tuple(seq_lens.shape) != plan.q_shape[:1]:
+        raise ValueError(f"launch_decode: expected the planned shapes {want} and dtype {plan.dtype}, got {got}, "
+                         f"{q_latent.dtype}; plan again (plan_decode) for a new batch")
+
+
+def launch_decode(plan: DecodePlan, q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
+                  k_pe: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                  block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the planned step on tensors of the planned shapes (no host sync): -> [batch, heads, C]."""
+    _check_against_plan(plan, q_latent, q_pe, c_kv, k_pe, seq_lens, block_table)
+    batch, heads, C = q_latent.shape
+    out = torch.empty_like(q_latent)
+    if out.numel() == 0:
+        return out
+    meta = dict(C=C, R=q_pe.shape[2], BLOCK_H=plan.block_h, BLOCK_C=next_pow2_16(C),
+                BLOCK_R=next_pow2_16(q_pe.shape[2]), IEEE=q_latent.dtype == torch.float32,
+                num_stages=plan.num_stages)
+    head_blocks = triton.cdiv(heads, plan.block_h)
+    if plan.step == "v1":
+        mla_decode_v1_kernel[(batch, head_blocks)](q_latent, q_pe, c_kv, k_pe, seq_lens, out, heads,
+                                                  c_kv.shape[1], scale, BLOCK_N=plan.block_n, **meta)
+        return out
+    num_splits = plan.num_splits
+    part_out = torch.empty(batch, heads, num_splits, C, dtype=torch.float32, device=q_latent.device)
+    part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q_latent.device)
+    grid = (batch, head_blocks, num_splits)
+    if plan.step == "v2":
+        mla_decode_v2_kernel[grid](q_latent, q_pe, c_kv, k_pe, seq_lens, part_out, part_lse, heads,
+                                   c_kv.shape[1], scale, NUM_SPLITS=num_splits, BLOCK_N=plan.block_n, **meta)
+    else:
+        mla_decode_v3_kernel[grid](q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, part_out, part_lse,
+                                   heads, block_table.shape[1], scale, NUM_SPLITS=num_splits,
+                                   PAGE_SIZE=plan.block_n, **meta)
     merge_splits_kernel[(batch * heads,)](part_out, part_lse, out, C=C, NUM_SPLITS=num_splits,
                                           BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-                                          BLOCK_C=max(16, triton.next_power_of_2(C)))
+                                          BLOCK_C=next_pow2_16(C))
     return out
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, step: str = "v2", num_splits: int = 4,
-               block_h: int = 16, block_n: int = 64) -> torch.Tensor:
+               block_h: int = 16, block_n: int | None = None) -> torch.Tensor:
     """One decode step of absorbed MLA over a contiguous latent cache (steps "v1", "v2").
 
     q_latent: [batch, heads, kv_lora_rank] (W^UK_h^T q^C_h), q_pe: [batch, heads, qk_rope_head_dim] (rotated),
     c_kv: [batch, max_len, kv_lora_rank], k_pe: [batch, max_len, qk_rope_head_dim] (an `refimpl.mla.MLACache`'s
-    tensors), all one float dtype; seq_lens: int32/int64 [batch], 1 <= seq_lens[b] <= max_len, the tokens of
-    sequence b in the cache (the new one included); scale: the softmax scale (`MultiHeadLatentAttention
-    .softmax_scale`). -> [batch, heads, kv_lora_rank], q's dtype: sum_j p_hj c_kv_j, to be mapped by W^UV.
-    "v2" splits each cache into num_splits chunks. Raises TypeError/ValueError naming the bad argument.
+    tensors), all one float dtype; seq_lens: int32/int64 [batch], 0 <= seq_lens[b] <= max_len, the tokens of
+    sequence b in the cache (the new one included; 0 for an empty slot: a zero row); scale: the softmax scale
+    (`MultiHeadLatentAttention.softmax_scale`). -> [batch, heads, kv_lora_rank], q's dtype: sum_j p_hj c_kv_j,
+    to be mapped by W^UV. "v2" splits each cache into num_splits chunks. block_n: tokens per cache block
+    (default: the largest of 64, 32, 16 that fits the GPU's shared memory, `pick_block_n`). `plan_decode`
+    then `launch_decode`.
+    Raises TypeError/ValueError naming the bad argument.
     """
-    _check_queries_and_lengths(q_latent, q_pe, seq_lens, None)
-    batch, heads, C = q_latent.shape
-    check_like("c_kv", c_kv, q_latent, "q_latent", (batch, None, C))
-    check_like("k_pe", k_pe, q_latent, "q_latent", (batch, c_kv.shape[1], q_pe.shape[2]))
-    _check_queries_and_lengths(q_latent, q_pe, seq_lens, c_kv.shape[1])
     if step not in ("v1", "v2"):
         raise ValueError(f"step: expected 'v1' or 'v2' (for 'v3', the paged cache: mla_decode_paged), got {step!r}")
-    _check_sizes(num_splits, block_h, block_n)
-    out = torch.empty_like(q_latent)
-    if out.numel() == 0:
-        return out
-    meta = _common_meta(q_latent, q_pe, block_h)
-    head_blocks = triton.cdiv(heads, block_h)
-    if step == "v1":
-        mla_decode_v1_kernel[(batch, head_blocks)](q_latent, q_pe, c_kv, k_pe, seq_lens, out, heads,
-                                                  c_kv.shape[1], scale, BLOCK_N=block_n, **meta)
-        return out
-    part_out = torch.empty(batch, heads, num_splits, C, dtype=torch.float32, device=q_latent.device)
-    part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q_latent.device)
-    mla_decode_v2_kernel[(batch, head_blocks, num_splits)](q_latent, q_pe, c_kv, k_pe, seq_lens, part_out,
-                                                           part_lse, heads, c_kv.shape[1], scale,
-                                                           NUM_SPLITS=num_splits, BLOCK_N=block_n, **meta)
-    return _merge(part_out, part_lse, out, num_splits)
+    plan = plan_decode(q_latent, q_pe, c_kv, k_pe, seq_lens, step, num_splits, block_h, block_n)
+    return launch_decode(plan, q_latent, q_pe, c_kv, k_pe, seq_lens, scale)
 
 
 def mla_decode_paged(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv_pages: torch.Tensor,
@@ -293,30 +408,12 @@ def mla_decode_paged(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv_pages: tor
 
     c_kv_pages: [num_pages, page_size, kv_lora_rank], k_pe_pages: [num_pages, page_size, qk_rope_head_dim];
     block_table: int32 [batch, max_pages], block_table[b, i] = the page holding tokens i*page_size ...
-    (i*page_size + page_size - 1) of sequence b; seq_lens[b] <= max_pages * page_size. page_size: a power of
-    two >= 16 (64 in `paginate`). -> [batch, heads, kv_lora_rank].
+    (i*page_size + page_size - 1) of sequence b; 0 <= seq_lens[b] <= max_pages * page_size. page_size: a power
+    of two >= 16 (64 in `paginate`). -> [batch, heads, kv_lora_rank].
     """
-    _check_queries_and_lengths(q_latent, q_pe, seq_lens, None)
-    batch, heads, C = q_latent.shape
-    check_like("c_kv_pages", c_kv_pages, q_latent, "q_latent", (None, None, C))
-    num_pages, page_size, _ = c_kv_pages.shape
-    check_like("k_pe_pages", k_pe_pages, q_latent, "q_latent", (num_pages, page_size, q_pe.shape[2]))
-    check_kernel_input("block_table", block_table, (batch, None), dtypes=(torch.int32,))
-    _check_queries_and_lengths(q_latent, q_pe, seq_lens, block_table.shape[1] * page_size)
-    if block_table.numel() and (int(block_table.min()) < 0 or int(block_table.max()) >= num_pages):
-        raise ValueError(f"block_table: expected page numbers in [0, {num_pages}), got values from "
-                         f"{int(block_table.min())} to {int(block_table.max())}")
-    _check_sizes(num_splits, block_h, page_size)
-    out = torch.empty_like(q_latent)
-    if out.numel() == 0:
-        return out
-    part_out = torch.empty(batch, heads, num_splits, C, dtype=torch.float32, device=q_latent.device)
-    part_lse = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q_latent.device)
-    grid = (batch, triton.cdiv(heads, block_h), num_splits)
-    mla_decode_v3_kernel[grid](q_latent, q_pe, c_kv_pages, k_pe_pages, seq_lens, block_table, part_out, part_lse,
-                               heads, block_table.shape[1], scale, NUM_SPLITS=num_splits, PAGE_SIZE=page_size,
-                               **_common_meta(q_latent, q_pe, block_h))
-    return _merge(part_out, part_lse, out, num_splits)
+    plan = plan_decode(q_latent, q_pe, c_kv_pages, k_pe_pages, seq_lens, "v3", num_splits, block_h,
+                       block_table=block_table)
+    return launch_decode(plan, q_latent, q_pe, c_kv_pages, k_pe_pages, seq_lens, scale, block_table)
 
 
 def paginate(c_kv: torch.Tensor, k_pe: torch.Tensor, seq_lens: torch.Tensor, page_size: int = 64,
@@ -331,8 +428,9 @@ def paginate(c_kv: torch.Tensor, k_pe: torch.Tensor, seq_lens: torch.Tensor, pag
     pages_per_seq = [-(-int(n) // page_size) for n in seq_lens.tolist()]
     num_pages, max_pages = sum(pages_per_seq), max(pages_per_seq, default=0)
     order = torch.randperm(num_pages, generator=generator)  # page i of the pool order goes to slot order[i]
-    c_kv_pages = c_kv.new_zeros(num_pages, page_size, C)
-    k_pe_pages = k_pe.new_zeros(num_pages, page_size, k_pe.shape[2])
+    # at least one page: a batch of empty slots still has a pool the block table's zeros can name
+    c_kv_pages = c_kv.new_zeros(max(num_pages, 1), page_size, C)
+    k_pe_pages = k_pe.new_zeros(max(num_pages, 1), page_size, k_pe.shape[2])
     block_table = torch.zeros(batch, max(max_pages, 1), dtype=torch.int32)
     next_page = 0
     for b, n_pages in enumerate(pages_per_seq):

@@ -7,7 +7,8 @@ nn.Linear weights stacked: `stack_expert_weights`). The routed output is out_t =
 Ladder:
   v1: a Python loop over the experts: gather each expert's rows (`refimpl.moe.dispatch`), run its three
       matrix products with `dskernels.matmul` (silu * up in PyTorch), and combine. E x 3 launches, many of them
-      tiny; an expert that got no token is skipped.
+      tiny; an expert that got no token is skipped. The weights are read in place (transposed views), as the
+      eager loop's F.linear reads them.
   v2: one grouped GEMM over all experts per projection.
       align: sort the (token, expert) pairs by expert and pad each expert's rows to a multiple of BLOCK_M
              (`align_to_experts`), so that every block of BLOCK_M rows belongs to one expert; padding rows
@@ -17,7 +18,11 @@ Ladder:
              silu(gate) * up: the SwiGLU is fused, the [rows, I] gate and up activations never reach memory.
       down:  one launch; the same blocks times w_down, each row scaled by its weight g and stored at its pair's
              place (t * k + j); the k rows of a token are then summed (the combine, in token order).
+
+`moe_experts` = `plan_experts` (validation, the alignment: host syncs) + `launch_experts` (the launches).
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +31,7 @@ import triton.language as tl
 from torch import nn
 
 from dskernels import matmul as tiled_matmul
-from dskernels._checks import check_kernel_input, check_like
+from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
 from refimpl.checks import check_int
 from refimpl.moe import MLP, combine, dispatch, run_experts
 
@@ -63,11 +68,11 @@ def gate_up_kernel(x_ptr, w_gate_ptr, w_up_ptr, sorted_pairs_ptr, block_expert_p
     x [T, H], w_gate, w_up [E, I, H], h [num_blocks * BLOCK_M, I] (padded row order)."""
     block = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # intermediate units [BLOCK_N]
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)  # padded rows [BLOCK_M]
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # padded rows [BLOCK_M]; 64-bit: rows * I
     expert = tl.load(block_expert_ptr + block).to(tl.int64)
-    pair = tl.load(sorted_pairs_ptr + rows)  # [BLOCK_M]; num_pairs marks padding
+    pair = tl.load(sorted_pairs_ptr + rows).to(tl.int64)  # [BLOCK_M]; num_pairs marks padding
     is_row = pair < num_pairs
-    token = pair // TOP_K  # the row of x each pair reads
+    token = pair // TOP_K  # the row of x each pair reads (64-bit: token * H may pass 2^31)
     ks = tl.arange(0, BLOCK_K)
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -98,9 +103,9 @@ def down_kernel(h_ptr, w_down_ptr, sorted_pairs_ptr, block_expert_ptr, topk_weig
     pair id. h [num_blocks * BLOCK_M, I], w_down [E, H, I], topk_weight [T * k] float32, out [T * k, H]."""
     block = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units [BLOCK_N]
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: rows * I may pass 2^31
     expert = tl.load(block_expert_ptr + block).to(tl.int64)
-    pair = tl.load(sorted_pairs_ptr + rows)
+    pair = tl.load(sorted_pairs_ptr + rows).to(tl.int64)  # 64-bit: pair * H may pass 2^31
     is_row = pair < num_pairs
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -126,13 +131,48 @@ def stack_expert_weights(experts) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
                  for name in ("gate_proj", "up_proj", "down_proj"))
 
 
-def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
-                w_up: torch.Tensor, w_down: torch.Tensor, step: str = "v2", block_m: int = 64,
-                block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """The routed experts' output sum_j g_tj expert_{e_tj}(x_t): x [T, H] float16/float32 (bfloat16 on a GPU),
-    topk_idx int64 [T, k] (expert ids in [0, E)), topk_weight float32 or x's dtype [T, k], w_gate, w_up
-    [E, I, H] and w_down [E, H, I] of x's dtype -> [T, H], x's dtype. Raises TypeError/ValueError.
-    """
+def shared_memory_estimate(block_m: int, block_n: int, block_k: int, itemsize: int, num_stages: int,
+                           weight_tiles: int = 2) -> int:
+    """An upper estimate of a grouped-GEMM program's shared memory (bytes): max(num_stages - 1, 1) pipeline
+    buffers of one x tile [block_m, block_k] and `weight_tiles` weight tiles [block_k, block_n] (2 in gate/up,
+    1 in down), as Triton reports for sm_80 and sm_90 (tests/test_kernels_compile.py checks it is not below)."""
+    per_stage = (block_m * block_k + weight_tiles * block_k * block_n) * itemsize
+    return max(num_stages - 1, 1) * per_stage
+
+
+NUM_STAGES = (4, 3, 2, 1)  # tried in this order: the first whose estimate fits the shared memory budget
+
+
+def pick_num_stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, budget: int) -> int:
+    """The most pipeline stages whose gate/up `shared_memory_estimate` fits `budget`; ValueError naming the
+    blocks when even one stage does not fit."""
+    def estimate(stages: int) -> int:
+        return shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages)
+    return most_stages_that_fit(estimate, budget, NUM_STAGES,
+                                f"block_m={block_m}, block_n={block_n}, block_k={block_k}: the grouped GEMM in {dtype}")
+
+
+@dataclass(frozen=True)
+class ExpertsPlan:
+    """What `plan_experts` checked and chose for one routing; `launch_experts` runs it."""
+    step: str
+    shapes: tuple  # x, topk_idx, topk_weight, w_gate, w_up, w_down shapes
+    dtype: torch.dtype
+    block_m: int
+    block_n: int
+    block_k: int
+    num_stages: int
+    sorted_pairs: torch.Tensor | None  # v2: `align_to_experts` of this routing
+    block_expert: torch.Tensor | None
+    topk_weight: torch.Tensor | None  # v2: float32, contiguous [T * k]
+
+
+def plan_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
+                 w_up: torch.Tensor, w_down: torch.Tensor, step: str = "v2", block_m: int = 64,
+                 block_n: int = 64, block_k: int = 64) -> ExpertsPlan:
+    """Validate the inputs (the expert ids are read on the host) and, for "v2", align the routing to expert
+    blocks (`align_to_experts`: a sort and a host sync for the number of blocks): the scheduling metadata of
+    one routing, computed once, as FlashMLA's get_mla_metadata. Arguments as `moe_experts`."""
     check_kernel_input("x", x, (None, None))
     T, H = x.shape
     check_like("w_gate", w_gate, x, "x", (None, None, H))
@@ -150,23 +190,52 @@ def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tens
         check_int(name, size, 16)
         if size & (size - 1):
             raise ValueError(f"{name}: expected a power of two >= 16 (tl.dot's minimum on a GPU), got {size}")
+    stages = pick_num_stages(block_m, block_n, block_k, x.dtype, shared_memory_budget(x.device))
+    shapes = tuple(tuple(t.shape) for t in (x, topk_idx, topk_weight, w_gate, w_up, w_down))
+    if step == "v1" or T == 0:
+        return ExpertsPlan(step, shapes, x.dtype, block_m, block_n, block_k, stages, None, None, None)
+    sorted_pairs, block_expert = align_to_experts(topk_idx, E, block_m)
+    return ExpertsPlan(step, shapes, x.dtype, block_m, block_n, block_k, stages, sorted_pairs, block_expert,
+                       topk_weight.float().contiguous())
+
+
+def launch_experts(plan: ExpertsPlan, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                   w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """Run a plan on the tensors it was made for (shapes and dtype compared, no host sync in "v2"; "v1"
+    reads the experts' row counts, as any loop over experts must). -> [T, H], x's dtype."""
+    shapes = tuple(tuple(t.shape) for t in (x, topk_idx, topk_weight, w_gate, w_up, w_down))
+    if shapes != plan.shapes or x.dtype != plan.dtype:
+        raise ValueError(f"launch_experts: expected the planned shapes {plan.shapes} and dtype {plan.dtype}, got "
+                         f"{shapes}, {x.dtype}; plan again (plan_experts) for a new routing")
+    T, H = x.shape
     if T == 0:
         return x.new_zeros(0, H)
-    if step == "v1":
+    if plan.step == "v1":
         return _experts_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+    I = w_gate.shape[1]
     top_k = topk_idx.shape[1]
-    sorted_pairs, block_expert = align_to_experts(topk_idx, E, block_m)
-    num_blocks = block_expert.numel()
-    h = torch.empty(num_blocks * block_m, I, dtype=x.dtype, device=x.device)
-    ieee = x.dtype == torch.float32
-    gate_up_kernel[(num_blocks, triton.cdiv(I, block_n))](
-        x, w_gate, w_up, sorted_pairs, block_expert, h, T * top_k, H, I, TOP_K=top_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+    num_blocks = plan.block_expert.numel()
+    h = torch.empty(num_blocks * plan.block_m, I, dtype=x.dtype, device=x.device)
+    meta = dict(BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, IEEE=x.dtype == torch.float32,
+                num_stages=plan.num_stages)
+    gate_up_kernel[(num_blocks, triton.cdiv(I, plan.block_n))](
+        x, w_gate, w_up, plan.sorted_pairs, plan.block_expert, h, T * top_k, H, I, TOP_K=top_k, **meta)
     out_pairs = torch.empty(T * top_k, H, dtype=x.dtype, device=x.device)
-    down_kernel[(num_blocks, triton.cdiv(H, block_n))](
-        h, w_down, sorted_pairs, block_expert, topk_weight.float().contiguous(), out_pairs, T * top_k, H, I,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+    down_kernel[(num_blocks, triton.cdiv(H, plan.block_n))](
+        h, w_down, plan.sorted_pairs, plan.block_expert, plan.topk_weight, out_pairs, T * top_k, H, I, **meta)
     return out_pairs.view(T, top_k, H).sum(dim=1)  # combine: the k weighted rows of each token
+
+
+def moe_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
+                w_up: torch.Tensor, w_down: torch.Tensor, step: str = "v2", block_m: int = 64,
+                block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """The routed experts' output sum_j g_tj expert_{e_tj}(x_t): x [T, H] float16/float32 (bfloat16 on a GPU),
+    topk_idx int64 [T, k] (expert ids in [0, E)), topk_weight float32 or x's dtype [T, k], w_gate, w_up
+    [E, I, H] and w_down [E, H, I] of x's dtype -> [T, H], x's dtype. `plan_experts` then `launch_experts`.
+    Raises TypeError/ValueError naming the bad argument.
+    """
+    plan = plan_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, step, block_m, block_n, block_k)
+    return launch_experts(plan, x, topk_idx, topk_weight, w_gate, w_up, w_down)
 
 
 def _experts_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
@@ -176,11 +245,11 @@ def _experts_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tenso
     for e, rows in enumerate(x_sorted.split(counts.tolist())):  # rows: [counts[e], H]
         if rows.shape[0] == 0:
             continue
-        # matmul step v2 (fixed tiles): v3 would autotune again for every new row count. dskernels.matmul takes
-        # contiguous [K, N] operands, so each weight is copied transposed: part of this step's cost
-        gate = tiled_matmul.matmul(rows, w_gate[e].t().contiguous(), step="v2")  # [rows, I]
-        up = tiled_matmul.matmul(rows, w_up[e].t().contiguous(), step="v2")
-        outs.append(tiled_matmul.matmul(F.silu(gate) * up, w_down[e].t().contiguous(), step="v2"))  # [rows, H]
+        # matmul step v2 (fixed tiles): v3 would autotune again for every new row count. w[e].t() is a
+        # transposed view (column-major [K, N]), read in place through its strides, as F.linear reads weights
+        gate = tiled_matmul.matmul(rows, w_gate[e].t(), step="v2")  # [rows, I]
+        up = tiled_matmul.matmul(rows, w_up[e].t(), step="v2")
+        outs.append(tiled_matmul.matmul(F.silu(gate) * up, w_down[e].t(), step="v2"))  # [rows, H]
     return combine(torch.cat(outs), token_idx, sort_order, topk_weight, x.shape[0])
 
 

@@ -1,10 +1,11 @@
 """The switch `dskernels.model.use_kernels`: a refimpl model generates the same tokens with the kernels inside,
-under TRITON_INTERPRET=1 on a CPU."""
+on the GPU (compiled) when there is one, else under TRITON_INTERPRET=1 on the CPU."""
 
 import pytest
 import torch
 
 from dskernels import mla_decode, moe, rowwise
+from dskernels._checks import assert_close
 from dskernels.model import use_kernels
 from refimpl.config import ModelConfig
 from refimpl.model import DeepSeekForCausalLM
@@ -16,20 +17,20 @@ TINY = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidd
                    first_k_dense_replace=1, max_position_embeddings=64)
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture
+def model(device):
     torch.manual_seed(0)
-    return DeepSeekForCausalLM(TINY).eval()
+    return DeepSeekForCausalLM(TINY).eval().to(device)
 
 
-def test_generation_with_kernels_gives_the_same_tokens(model, monkeypatch):
+def test_generation_with_kernels_gives_the_same_tokens(model, monkeypatch, device):
     calls = {"rmsnorm": 0, "moe_experts": 0, "mla_decode": 0}
     for module, name in ((rowwise, "rmsnorm"), (moe, "moe_experts"), (mla_decode, "mla_decode")):
         def counted(*args, _f=getattr(module, name), _name=name, **kwargs):
             calls[_name] += 1
             return _f(*args, **kwargs)
         monkeypatch.setattr(module, name, counted)
-    prompt = torch.tensor([[3, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7]])
+    prompt = torch.tensor([[3, 14, 15, 9, 2, 6], [5, 3, 5, 8, 9, 7]], device=device)
     want = model.generate(prompt, 4)
     with use_kernels(model):
         got = model.generate(prompt, 4)
@@ -41,16 +42,16 @@ def test_generation_with_kernels_gives_the_same_tokens(model, monkeypatch):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-def test_kernel_logits_match_refimpl(model):
-    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+def test_kernel_logits_match_refimpl(model, device):
+    tokens = torch.tensor([[1, 2, 3, 4, 5]], device=device)
     caches = model.new_caches(1, 6)
     model(tokens, 0, caches, mode="absorbed")
-    want = model(torch.tensor([[7]]), 5, caches, mode="absorbed")
+    want = model(torch.tensor([[7]], device=device), 5, caches, mode="absorbed")
     caches = model.new_caches(1, 6)
     with torch.no_grad(), use_kernels(model, mla_step="v1"):
         model(tokens, 0, caches, mode="absorbed")
-        got = model(torch.tensor([[7]]), 5, caches, mode="absorbed")
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        got = model(torch.tensor([[7]], device=device), 5, caches, mode="absorbed")
+    assert_close(got, want)
 
 
 def test_bad_arguments():

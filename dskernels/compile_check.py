@@ -1,0 +1,243 @@
+"""Compile every kernel, in every configuration its wrapper can pick, for a GPU target, on any machine.
+
+    TRITON_INTERPRET=0 python -m dskernels.compile_check [--all] [--json PATH]   # sm_90 and sm_80
+
+`triton.compile` runs Triton's whole GPU pipeline (to PTX, then ptxas from the triton wheel to a cubin) for a
+`GPUTarget` without a GPU, so the rules the interpreter does not enforce are checked on a CPU: `tl.dot` of at
+least 16, no Python helper inside a kernel, dtypes the architecture supports, and the shared memory each
+configuration needs against the target's limit per block (`TARGETS`). The wrappers pick their pipeline stages
+from a shared-memory estimate and the budget of the GPU they run on (`dskernels._checks.shared_memory_budget`):
+`configs(target)` asks each wrapper's picker with that target's budget, so what is compiled here is what a
+GPU of that kind would launch, and `tests/test_kernels_compile.py` checks that the compiled size is within the
+limit and not above the wrapper's estimate. It needs TRITON_INTERPRET=0: under the interpreter Triton's own
+jit helpers (tl.cdiv, ...) are interpreter functions and cannot be compiled.
+
+Which configurations (each for float32, float16 and bfloat16, the dtypes the wrappers accept; no wrapper takes
+float8, so no float8 config exists):
+  rowwise      softmax v1/v2 and RMSNorm at the smallest and largest block (1 and 65536) and the default 1024
+               (the shared memory of a reduction depends on the warps, not the block: these cover them);
+  matmul       v1/v2 at the default 64-blocks and the benchmark's 128 x 128; v3: every autotune config that
+               fits the target (the others are pruned by the wrapper);
+  flash attn   v1/v2/v3, the default 64 x 64 blocks, head sizes 64, 128 and 192 (-> a 256 block: DeepSeek's
+               qk_nope + qk_rope), causal;
+  MLA decode   v1/v2/v3 and the merge, DeepSeek-V3's 512 + 64 latent (block_h 16, block_n from the wrapper's
+               pick) and a small 64 + 16 one;
+  MoE          gate/up and down at the default 64-blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from dskernels import flash_attention as fa
+from dskernels import matmul as mm
+from dskernels import mla_decode as md
+from dskernels import moe
+from dskernels import rowwise
+from dskernels._checks import interpreting
+
+# shared memory per block (opt-in maximum), NVIDIA CUDA C++ Programming Guide, compute capabilities table
+TARGETS = {"sm_90": (GPUTarget("cuda", 90, 32), 232448), "sm_80": (GPUTarget("cuda", 80, 32), 166912)}
+TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Config:
+    """One kernel launch configuration: what `triton.compile` needs, and the wrapper's estimate (bytes)."""
+    name: str
+    kernel: object  # a @triton.jit function (JITFunction or, under the interpreter, InterpretedFunction)
+    signature: dict  # argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr")
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    estimate: int | None = None  # the wrapper's shared memory estimate, None where it keeps none
+
+
+def _signature(kernel, dtype: torch.dtype, constexprs: dict, types: dict) -> dict:
+    """Every argument of `kernel`: constexpr, types[name], a pointer to dtype (names ending in _ptr) or i32."""
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name] = types[name]
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + TRITON_TYPE[dtype]
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def _config(name, kernel, dtype, constexprs, types=None, **options) -> Config:
+    return Config(f"{name} {TRITON_TYPE[dtype]}", kernel, _signature(kernel, dtype, constexprs, types or {}),
+                  constexprs, **options)
+
+
+def _rowwise(dtype, budget) -> list[Config]:
+    out = []
+    for block in (1, 1024, rowwise.MAX_BLOCK):
+        warps = rowwise.num_warps(block)
+        for name, kernel in (("softmax v1", rowwise.softmax_v1_kernel), ("softmax v2", rowwise.softmax_v2_kernel)):
+            out.append(_config(f"{name} BLOCK={block}", kernel, dtype, {"BLOCK": block}, num_warps=warps))
+        out.append(_config(f"rmsnorm BLOCK={block}", rowwise.rmsnorm_kernel, dtype, {"BLOCK": block},
+                           {"eps": "fp32"}, num_warps=warps))
+    return out
+
+
+def _matmul(dtype, budget) -> list[Config]:
+    out = []
+    ieee = dtype == torch.float32
+    for bm, bn, bk in ((64, 64, 64), (128, 128, 64)):
+        stages = mm.pick_num_stages(bm, bn, bk, dtype, budget)
+        estimate = mm.shared_memory_estimate(bm, bn, bk, dtype.itemsize, stages)
+        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee)
+        out.append(_config(f"matmul v1 {bm}x{bn}x{bk}", mm.matmul_v1_kernel, dtype, const, num_stages=stages,
+                           estimate=estimate))
+        out.append(_config(f"matmul v2 {bm}x{bn}x{bk}", mm.matmul_v2_kernel, dtype, {**const, "GROUP_M": 8},
+                           num_stages=stages, estimate=estimate))
+    for c in mm.fitting_configs(mm._autotune_configs(), dtype.itemsize, budget):
+        k = c.kwargs
+        estimate = mm.shared_memory_estimate(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], dtype.itemsize,
+                                             c.num_stages)
+        out.append(_config(f"matmul v3 {k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{c.num_stages}",
+                           mm.matmul_v2_kernel, dtype, {**k, "IEEE": ieee}, num_warps=c.num_warps,
+                           num_stages=c.num_stages, estimate=estimate))
+    return out
+
+
+def _flash_attention(dtype, budget) -> list[Config]:
+    out = []
+    for d in (64, 128, 192):
+        block_d = max(16, triton.next_power_of_2(d))
+        try:
+            stages = fa.pick_num_stages(64, 64, block_d, block_d, dtype, budget)
+        except ValueError:  # refused by the wrapper (float32, head 192 on sm_80): not a config it launches
+            continue
+        const = dict(D=d, DV=d, CAUSAL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_DV=block_d,
+                     IEEE=dtype == torch.float32)
+        for step, kernel in fa.KERNELS.items():
+            out.append(_config(f"flash attention {step} d={d}", kernel, dtype, const, {"scale": "fp32"},
+                               num_stages=stages,
+                               estimate=fa.shared_memory_estimate(64, 64, block_d, block_d, dtype.itemsize, stages)))
+    return out
+
+
+def _mla_decode(dtype, budget) -> list[Config]:
+    out = []
+    types = {"scale": "fp32", "seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "part_out_ptr": "*fp32",
+             "part_lse_ptr": "*fp32"}
+    for C, R in ((64, 16), (512, 64)):
+        block_h = 16
+        block_n = md.pick_block_n(C, R, block_h, dtype, budget)
+        stages = md.pick_num_stages(C, R, block_h, block_n, dtype, budget)
+        estimate = md.shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages)
+        meta = dict(C=C, R=R, BLOCK_H=block_h, BLOCK_C=md.next_pow2_16(C), BLOCK_R=md.next_pow2_16(R),
+                    IEEE=dtype == torch.float32)
+        label = f"{C}+{R} block_n={block_n}"
+        out.append(_config(f"MLA decode v1 {label}", md.mla_decode_v1_kernel, dtype, {**meta, "BLOCK_N": block_n},
+                           types, num_stages=stages, estimate=estimate))
+        out.append(_config(f"MLA decode v2 {label}", md.mla_decode_v2_kernel, dtype,
+                           {**meta, "BLOCK_N": block_n, "NUM_SPLITS": 4}, types, num_stages=stages, estimate=estimate))
+        out.append(_config(f"MLA decode v3 {label}", md.mla_decode_v3_kernel, dtype,
+                           {**meta, "PAGE_SIZE": block_n, "NUM_SPLITS": 4}, types, num_stages=stages,
+                           estimate=estimate))
+        out.append(_config(f"MLA merge {C}", md.merge_splits_kernel, dtype,
+                           dict(C=C, NUM_SPLITS=4, BLOCK_S=4, BLOCK_C=md.next_pow2_16(C)), types))
+    return out
+
+
+def _moe(dtype, budget) -> list[Config]:
+    stages = moe.pick_num_stages(64, 64, 64, dtype, budget)
+    const = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, IEEE=dtype == torch.float32)
+    types = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "topk_weight_ptr": "*fp32"}
+    return [_config("MoE gate/up 64x64x64", moe.gate_up_kernel, dtype, {**const, "TOP_K": 6}, types,
+                    num_stages=stages, estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages)),
+            _config("MoE down 64x64x64", moe.down_kernel, dtype, const, types, num_stages=stages,
+                    estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1))]
+
+
+FAMILIES = {"rowwise": _rowwise, "matmul": _matmul, "flash_attention": _flash_attention, "mla_decode": _mla_decode,
+            "moe": _moe}
+
+
+def configs(target: str, family: str, dtype: torch.dtype) -> list[Config]:
+    """The configurations `family`'s wrappers pick for `dtype` on a GPU of `target` ("sm_90", "sm_80")."""
+    return FAMILIES[family](dtype, TARGETS[target][1])
+
+
+def compile_config(config: Config, target: str) -> int:
+    """Compile `config` for `target` with triton.compile (no GPU needed) -> the shared memory it uses (bytes)."""
+    fn = config.kernel if isinstance(config.kernel, JITFunction) else JITFunction(config.kernel.fn)
+    source = ASTSource(fn=fn, signature=config.signature, constexprs=config.constexprs)
+    compiled = triton.compile(source, target=TARGETS[target][0],
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return int(compiled.metadata.shared)
+
+
+def ci_selection(target: str, family: str, dtype: torch.dtype) -> list[Config]:
+    """The configurations CI compiles (one takes seconds, float32's exact-product dots up to minutes on a busy
+    CPU): in float16 and bfloat16, each kernel once, in its configuration with the largest shared memory
+    estimate (the closest to the limit); in float32, the family's first configuration (the float32 path of
+    every family; the ladder steps share their tiles). `--all` (DSKERNELS_COMPILE_ALL=1 for the test)
+    compiles every configuration."""
+    candidates = configs(target, family, dtype)
+    if dtype == torch.float32:
+        return candidates[:1]
+    largest = {}
+    for config in candidates:
+        kernel = config.kernel.fn
+        if kernel not in largest or (config.estimate or 0) >= (largest[kernel].estimate or 0):
+            largest[kernel] = config
+    return list(largest.values())
+
+
+def run(selection: str = "ci", targets: list[str] | None = None) -> list[dict]:
+    """Compile the `selection` ("ci" or "all") for the targets (default all), every family and dtype -> one
+    row per config."""
+    rows = []
+    for target in targets or TARGETS:
+        limit = TARGETS[target][1]
+        for family in FAMILIES:
+            for dtype in DTYPES:
+                chosen = ci_selection(target, family, dtype) if selection == "ci" else configs(target, family, dtype)
+                for config in chosen:
+                    start = time.perf_counter()
+                    shared = compile_config(config, target)
+                    rows.append(dict(target=target, family=family, dtype=str(dtype), name=config.name,
+                                     num_warps=config.num_warps, num_stages=config.num_stages, shared=shared,
+                                     estimate=config.estimate, limit=limit,
+                                     seconds=round(time.perf_counter() - start, 1)))
+                    print(f"{target} {config.name:45s} stages {config.num_stages} warps {config.num_warps:2d} "
+                          f"shared {shared:7d} B (estimate {config.estimate}, limit {limit}) "
+                          f"{rows[-1]['seconds']} s", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--all", action="store_true", help="every configuration, not CI's selection")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--target", choices=list(TARGETS), action="append", help="only this target (repeatable)")
+    args = parser.parse_args(argv)
+    if interpreting():
+        parser.error("run with TRITON_INTERPRET=0: compiling needs Triton's jit functions, not the interpreter's")
+    rows = run("all" if args.all else "ci", args.target)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
