@@ -4,11 +4,17 @@
 raises AssertionError with one plain sentence (the case, its inputs' shapes, what is wrong: shape, dtype, the
 first wrong value) on the first failure; it returns None when every case passes. otter's `grader.check(...)`
 cells in the student notebooks call it. Grading runs the same cases and more (hidden ones), elsewhere.
+
+A Triton exercise gets its inputs on the GPU when there is one and the interpreter is off (a compiled kernel
+refuses CPU tensors); its answer is brought back to the CPU, where the expected one is computed.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+
+import torch
 
 from exercises import guard
 from exercises.compare import describe, mismatch
@@ -24,9 +30,10 @@ def check(name: str, fn) -> None:
         _check_contract(name, fn)
     canon = question.canonical or (lambda x: x)
     launches = guard.triton_launches() if question.triton else [1]
+    device = kernel_device() if question.triton else "cpu"
     for label, args in question.cases(None):
         expected, expected_mutated = question.expected(args)
-        given = clone(args)
+        given = to_device(clone(args), device)
         inputs = ", ".join(f"{n}={describe(a)}" for n, a in zip(question.arg_names, args))
         where = f"{name}({inputs}), {label} case"
         if question.triton:
@@ -45,6 +52,7 @@ def check(name: str, fn) -> None:
             raise AssertionError(f"{where}: {guard.message(forbidden[0])}")
         if not launches[0]:
             raise AssertionError(f"{where}: launched no Triton kernel; the exercise is to write one")
+        result, given = to_device(result, "cpu"), to_device(given, "cpu")
         problem = mismatch(canon(result), canon(expected), "the result", question.atol, question.rtol)
         for i, want in zip(question.mutated_args, expected_mutated):
             problem = problem or mismatch(given[i], want, f"{question.arg_names[i]} after the call",
@@ -68,3 +76,17 @@ def _check_contract(name: str, fn) -> None:
     if params != contract.params:
         raise AssertionError(f"grading launches {contract.kernel} itself, as {wanted}; yours takes "
                              f"({', '.join(params)})")
+
+
+def kernel_device() -> str:
+    """Where a learner's Triton kernel runs: "cuda" on a GPU with the interpreter off, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def to_device(value, device: str):
+    """Tensors (also inside tuples and lists) moved to device; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value

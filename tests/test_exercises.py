@@ -364,3 +364,22 @@ def test_released_notebook_check_cell_explains_then_passes(released, tmp_path):
               for c in notebook.cells if c.cell_type == "code" and "grader.check" in c.source]
     assert "the result is wrong at index" in checks[0] and "visible 1 case" in checks[0], checks[0]
     assert "visible cases ran here, and they passed" in checks[1] and "hidden cases" in checks[1], checks[1]
+
+
+def test_kernel_exercise_inputs_go_to_the_kernels_device(monkeypatch):
+    """On a GPU a compiled kernel refuses CPU tensors: the check hands a Triton exercise its inputs on the
+    device `kernel_device()` names ("meta" stands in for "cuda" here), and the other exercises CPU tensors."""
+    monkeypatch.setattr(feedback, "kernel_device", lambda: "meta")
+    monkeypatch.setattr(feedback, "_check_contract", lambda name, fn: None)  # no kernel in these stand-ins
+    seen = {}
+
+    def record(name):
+        def fn(*args):
+            seen[name] = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+            raise RuntimeError("recorded")
+        return fn
+
+    for name in ("softmax_rows", "mla_decode_block", "causal_sdpa"):
+        with pytest.raises(AssertionError, match="raised RuntimeError: recorded"):
+            feedback.check(name, record(name))
+    assert seen == {"softmax_rows": {"meta"}, "mla_decode_block": {"meta"}, "causal_sdpa": {"cpu"}}

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 try:
     import tomllib
@@ -106,8 +107,13 @@ def test_constraints_pin_the_packages_the_course_depends_on():
             (spec,) = requirement.specifier
             assert spec.operator == "==", line
             pins[canonicalize_name(requirement.name)] = spec.version
-    assert {"torch", "triton", "transformers", "nbval", "jupyterlab", "matplotlib"} <= set(pins)
+    assert {"torch", "triton", "transformers", "kernels", "nbval", "jupyterlab", "matplotlib"} <= set(pins)
+    # CI runs the newest transformers, which brings Hugging Face's `kernels` (issue 17: the course's are dskernels)
+    assert Version(pins["transformers"]) >= Version("5.25"), pins["transformers"]
     assert f"TORCH_SPEC ?= torch=={pins['torch']}" in (ROOT / "Makefile").read_text()  # one tested torch
+    for requirement in (r for group in _requirements().values() for r in group):  # pyproject's bounds hold them
+        pin = pins.get(canonicalize_name(requirement.name))
+        assert pin is None or requirement.specifier.contains(pin, prereleases=True), (requirement, pin)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +165,42 @@ def test_layers_import_only_the_layers_above(layer, forbidden):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_notebooks_never_import_tests(notebook):
     assert "tests" not in _imported_modules(notebook)
+
+
+SIDE_BY_SIDE = """
+import importlib.metadata, json
+from transformers import DeepseekV3ForCausalLM  # transformers >= 5.25 imports Hugging Face's `kernels`
+import dskernels
+try:
+    import kernels
+except ImportError:
+    kernels = None
+print(json.dumps({
+    "transformers": importlib.metadata.version("transformers"),
+    "model": DeepseekV3ForCausalLM.__module__,
+    "dskernels": dskernels.__file__,
+    "kernels": kernels and kernels.__file__,
+    "kernels_distributions": importlib.metadata.packages_distributions().get("kernels"),
+}))
+"""
+
+
+@pytest.mark.parametrize("where", ["", "lessons"], ids=["repository root", "lessons/"])
+def test_the_course_and_hugging_face_kernels_import_side_by_side(where):
+    """From 5.25, transformers depends on Hugging Face's `kernels` (PyPI); the course's kernels are `dskernels`.
+    From the repository root (tests, scripts) and from lessons/ (the notebooks), in a fresh interpreter:
+    transformers' DeepSeek-V3 imports, `import dskernels` is this repository's and `import kernels` is Hugging
+    Face's, not a folder of this repository (a `kernels/` here would shadow it, as before issue 17)."""
+    result = subprocess.run([sys.executable, "-c", SIDE_BY_SIDE], cwd=ROOT / where, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["model"].startswith("transformers.models.deepseek_v3"), found
+    assert Path(found["dskernels"]).resolve() == ROOT / "dskernels" / "__init__.py", found
+    if found["kernels"] is None:
+        assert Version(found["transformers"]) < Version("5.25"), (
+            f"transformers {found['transformers']} depends on Hugging Face's kernels, which is not installed")
+        pytest.skip(f"Hugging Face's kernels is not installed (transformers {found['transformers']}, before 5.25)")
+    assert ROOT not in Path(found["kernels"]).resolve().parents, f"`import kernels` found this repository's {found}"
+    assert found["kernels_distributions"] == ["kernels"], found  # the module comes from PyPI's `kernels`
+
