@@ -7,6 +7,7 @@ every step kept), a validating entry point and a `reference` that calls refimpl:
     dskernels.matmul           tiled tl.dot matmul: naive tiles, grouped ordering, autotuned
     dskernels.flash_attention  flash attention forward, causal or not; causal block skipping
     dskernels.mla_decode       absorbed MLA decode over the latent cache: per head block, split-KV, paged
+    dskernels.mla_decode_flash MLA decode step v4, FlashMLA's design: 64 heads per program, a split plan
     dskernels.moe              routed experts: loop over experts, aligned grouped GEMM with fused SwiGLU
     dskernels.model            use_kernels(model): the kernels inside a refimpl model
     dskernels.bench            python -m dskernels.bench: the GPU benchmark (--tiny runs under the interpreter)
