@@ -8,7 +8,8 @@ every step kept), a validating entry point and a `reference` that calls refimpl:
     dskernels.flash_attention  flash attention forward, causal or not; causal block skipping
     dskernels.mla_decode       absorbed MLA decode over the latent cache: per head block, split-KV, paged
     dskernels.mla_decode_flash MLA decode step v4, FlashMLA's design: 64 heads per program, a split plan
-    dskernels.moe              routed experts: loop over experts, aligned grouped GEMM with fused SwiGLU
+    dskernels.moe              routed experts: loop over experts, aligned grouped GEMM with fused SwiGLU;
+                               v3: the combine fused into the down launch, decode-sized blocks
     dskernels.model            use_kernels(model): the kernels inside a refimpl model
     dskernels.bench            python -m dskernels.bench: the GPU benchmark (--tiny runs under the interpreter)
     dskernels.gpu_run          python -m dskernels.gpu_run: tests, correctness sweep, lessons, benchmark on a GPU

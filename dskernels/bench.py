@@ -243,7 +243,36 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
         "align_to_experts: a sort and a host sync) outside, once per routing; 'plan + launch', v1 and the eager "
         "loop: everything (a loop over experts reads their row counts on the host)",
         unchecked=("dense GEMMs, same FLOPs (not the op)",)))
+    cases.append(_moe_decode_case(2 if tiny else 64, Hd, E, I, K, device, dtype, experts_eager))
     return cases
+
+
+def _moe_decode_case(T: int, Hd: int, E: int, I: int, K: int, device: str, dtype: torch.dtype,
+                     experts_eager: Callable) -> Case:
+    """MoE experts in the decode regime: T tokens (64 at DeepSeek-V2-Lite's shapes: 6 rows per expert),
+    routed round-robin so every expert is used; the floor is the bytes of all experts' weights read once
+    (`dskernels.moe.decode_bytes`)."""
+    from dskernels import moe
+
+    def make(g):
+        pairs = torch.arange(T * K, device=device)
+        topk_idx = (pairs % E).view(T, K)  # distinct experts per token while K <= E; all E used
+        topk_weight = torch.rand(T, K, generator=g, device=device)
+        args = (_randn(g, T, Hd, dtype=dtype, device=device), topk_idx, topk_weight,
+                _randn(g, E, I, Hd, dtype=dtype, device=device, scale=Hd ** -0.5),
+                _randn(g, E, I, Hd, dtype=dtype, device=device, scale=Hd ** -0.5),
+                _randn(g, E, Hd, I, dtype=dtype, device=device, scale=I ** -0.5))
+        return *args, {step: moe.plan_experts(*args, step=step) for step in ("v2", "v3")}
+
+    return Case(
+        "MoE experts (decode)", f"T{T} H{Hd} E{E} I{I} top{K}", 2 * T * K * 3 * Hd * I,
+        moe.decode_bytes(T, Hd, I, E, dtype.itemsize), make,
+        {"v2 (grouped)": lambda *a: moe.launch_experts(a[6]["v2"], *a[:6]),
+         "v3 (decode blocks, fused combine)": lambda *a: moe.launch_experts(a[6]["v3"], *a[:6]),
+         "PyTorch eager (loop)": lambda *a: experts_eager(*a[:6], None, None)},
+        lambda *a: moe.reference(*(t.float() if t.is_floating_point() else t for t in a[:6])),
+        "v2, v3: the launches (and the combine); their plans (alignment: a sort, a host sync) outside, once "
+        "per routing; the eager loop: everything")
 
 
 def _run_case(case: Case, device: str, warmup: int, reps: int, input_sets: int) -> None:

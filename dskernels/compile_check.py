@@ -23,7 +23,7 @@ float8, so no float8 config exists):
   MLA decode   v1/v2/v3 and the merge, DeepSeek-V3's 512 + 64 latent (block_h 16, block_n from the wrapper's
                pick) and a small 64 + 16 one; v4 (FlashMLA's design) and its merge at block_h 64, 64-token
                pages;
-  MoE          gate/up and down at the default 64-blocks.
+  MoE          gate/up, down and down + combine (v3) at the default 64-blocks.
 """
 
 from __future__ import annotations
@@ -182,6 +182,9 @@ def _moe(dtype, budget) -> list[Config]:
     return [_config("MoE gate/up 64x64x64", moe.gate_up_kernel, dtype, {**const, "TOP_K": 6}, types,
                     num_stages=stages, estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages)),
             _config("MoE down 64x64x64", moe.down_kernel, dtype, const, types, num_stages=stages,
+                    estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1)),
+            _config("MoE down + combine 64x64x64", moe.down_combine_kernel, dtype, {**const, "TOP_K": 6},
+                    {**types, "out_ptr": "*fp32"}, num_stages=stages,
                     estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1))]
 
 
