@@ -14,6 +14,7 @@ every step kept), a validating entry point and a `reference` that calls refimpl:
     dskernels.bench            python -m dskernels.bench: the GPU benchmark (--tiny runs under the interpreter)
     dskernels.gpu_run          python -m dskernels.gpu_run: tests, correctness sweep, lessons, benchmark on a GPU
     dskernels.compile_check    every kernel and configuration compiled for sm_90 and sm_80, on any machine
+    dskernels.challenge        python -m dskernels.challenge NAME --kernel FILE: a learner's kernel checked, next to the rungs
     dskernels._checks          input checks, the shared-memory budget, and the output checker (compare)
 
 Without a CUDA GPU, importing `dskernels` sets TRITON_INTERPRET=1 (unless it is set already): Triton's
