@@ -125,6 +125,7 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
     from dskernels import flash_attention as fa
     from dskernels import matmul as mm
     from dskernels import mla_decode as md
+    from dskernels import mla_decode_flash as mf
     from dskernels import moe
     from dskernels import rowwise
     from refimpl.moe import combine, dispatch
@@ -183,6 +184,7 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
         pages = md.paginate(c_kv, k_pe, seq_lens, generator=torch.Generator().manual_seed(0))
         plans = {step: md.plan_decode(q_latent, q_pe, c_kv, k_pe, seq_lens, step=step) for step in ("v1", "v2")}
         plans["v3"] = md.plan_decode(q_latent, q_pe, pages[0], pages[1], seq_lens, step="v3", block_table=pages[2])
+        plans["v4"] = mf.plan_flash_decode(q_latent, q_pe, *pages, seq_lens)
         return q_latent, q_pe, c_kv, k_pe, seq_lens, pages, plans
 
     def absorbed_eager(q_latent, q_pe, c_kv, k_pe, seq_lens, pages, plans):  # refimpl.mla's einsums
@@ -192,6 +194,8 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
 
     def launch(step):
         def run(q, p, c, k, s, pages, plans):
+            if step == "v4":
+                return mf.launch_flash_decode(plans["v4"], q, p, *pages, s, scale)
             if step == "v3":
                 return md.launch_decode(plans["v3"], q, p, pages[0], pages[1], s, scale, pages[2])
             return md.launch_decode(plans[step], q, p, c, k, s, scale)
@@ -200,11 +204,11 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
     cases.append(Case(
         "MLA decode (absorbed)", f"B{B} heads{H} ctx{L} {C}+{R}", 2 * B * H * L * (2 * C + R),
         (B * L * (C + R) + 2 * B * H * C + B * H * R) * size, make_mla,
-        {"v1": launch("v1"), "v2": launch("v2"), "v3 (paged)": launch("v3"),
+        {"v1": launch("v1"), "v2": launch("v2"), "v3 (paged)": launch("v3"), "v4 (FlashMLA design)": launch("v4"),
          "v2, plan + launch": lambda q, p, c, k, s, pages, plans: md.mla_decode(q, p, c, k, s, scale, step="v2"),
          "PyTorch eager": absorbed_eager, **maybe_compile(absorbed_eager)},
         lambda q, p, c, k, s, pages, plans: md.reference(q.float(), p.float(), c.float(), k.float(), s, scale),
-        "v1, v2, v3: the launch (kernels) only; the plan (validation of seq_lens / block table: host syncs; "
+        "v1, v2, v3, v4: the launch (kernels) only; the plan (validation of seq_lens / block table: host syncs; "
         "the configuration) once per batch outside, as FlashMLA's get_mla_metadata; 'plan + launch': both"))
 
     T, Hd, E, I, K = (16, 32, 4, 32, 2) if tiny else (8192, 2048, 64, 1408, 6)  # DeepSeek-V2-Lite's experts
