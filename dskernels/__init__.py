@@ -8,11 +8,14 @@ every step kept), a validating entry point and a `reference` that calls refimpl:
     dskernels.flash_attention  flash attention forward, causal or not; causal block skipping
     dskernels.flash_attention_v4  its step v4: autotuned for Hopper, exp2, GQA, MLA heads; FA-2 backward
     dskernels.mla_decode       absorbed MLA decode over the latent cache: per head block, split-KV, paged
-    dskernels.moe              routed experts: loop over experts, aligned grouped GEMM with fused SwiGLU
+    dskernels.mla_decode_flash MLA decode step v4, FlashMLA's design: 64 heads per program, a split plan
+    dskernels.moe              routed experts: loop over experts, aligned grouped GEMM with fused SwiGLU;
+                               v3: the combine fused into the down launch, decode-sized blocks
     dskernels.model            use_kernels(model): the kernels inside a refimpl model
     dskernels.bench            python -m dskernels.bench: the GPU benchmark (--tiny runs under the interpreter)
     dskernels.gpu_run          python -m dskernels.gpu_run: tests, correctness sweep, lessons, benchmark on a GPU
     dskernels.compile_check    every kernel and configuration compiled for sm_90 and sm_80, on any machine
+    dskernels.challenge        python -m dskernels.challenge NAME --kernel FILE: a learner's kernel checked, next to the rungs
     dskernels._checks          input checks, the shared-memory budget, and the output checker (compare)
 
 Without a CUDA GPU, importing `dskernels` sets TRITON_INTERPRET=1 (unless it is set already): Triton's

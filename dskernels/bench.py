@@ -125,6 +125,7 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
     from dskernels import flash_attention as fa
     from dskernels import matmul as mm
     from dskernels import mla_decode as md
+    from dskernels import mla_decode_flash as mf
     from dskernels import moe
     from dskernels import rowwise
     from refimpl.moe import combine, dispatch
@@ -183,6 +184,7 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
         pages = md.paginate(c_kv, k_pe, seq_lens, generator=torch.Generator().manual_seed(0))
         plans = {step: md.plan_decode(q_latent, q_pe, c_kv, k_pe, seq_lens, step=step) for step in ("v1", "v2")}
         plans["v3"] = md.plan_decode(q_latent, q_pe, pages[0], pages[1], seq_lens, step="v3", block_table=pages[2])
+        plans["v4"] = mf.plan_flash_decode(q_latent, q_pe, *pages, seq_lens)
         return q_latent, q_pe, c_kv, k_pe, seq_lens, pages, plans
 
     def absorbed_eager(q_latent, q_pe, c_kv, k_pe, seq_lens, pages, plans):  # refimpl.mla's einsums
@@ -192,6 +194,8 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
 
     def launch(step):
         def run(q, p, c, k, s, pages, plans):
+            if step == "v4":
+                return mf.launch_flash_decode(plans["v4"], q, p, *pages, s, scale)
             if step == "v3":
                 return md.launch_decode(plans["v3"], q, p, pages[0], pages[1], s, scale, pages[2])
             return md.launch_decode(plans[step], q, p, c, k, s, scale)
@@ -200,11 +204,11 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
     cases.append(Case(
         "MLA decode (absorbed)", f"B{B} heads{H} ctx{L} {C}+{R}", 2 * B * H * L * (2 * C + R),
         (B * L * (C + R) + 2 * B * H * C + B * H * R) * size, make_mla,
-        {"v1": launch("v1"), "v2": launch("v2"), "v3 (paged)": launch("v3"),
+        {"v1": launch("v1"), "v2": launch("v2"), "v3 (paged)": launch("v3"), "v4 (FlashMLA design)": launch("v4"),
          "v2, plan + launch": lambda q, p, c, k, s, pages, plans: md.mla_decode(q, p, c, k, s, scale, step="v2"),
          "PyTorch eager": absorbed_eager, **maybe_compile(absorbed_eager)},
         lambda q, p, c, k, s, pages, plans: md.reference(q.float(), p.float(), c.float(), k.float(), s, scale),
-        "v1, v2, v3: the launch (kernels) only; the plan (validation of seq_lens / block table: host syncs; "
+        "v1, v2, v3, v4: the launch (kernels) only; the plan (validation of seq_lens / block table: host syncs; "
         "the configuration) once per batch outside, as FlashMLA's get_mla_metadata; 'plan + launch': both"))
 
     T, Hd, E, I, K = (16, 32, 4, 32, 2) if tiny else (8192, 2048, 64, 1408, 6)  # DeepSeek-V2-Lite's experts
@@ -243,6 +247,7 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
         "align_to_experts: a sort and a host sync) outside, once per routing; 'plan + launch', v1 and the eager "
         "loop: everything (a loop over experts reads their row counts on the host)",
         unchecked=("dense GEMMs, same FLOPs (not the op)",)))
+    cases.append(_moe_decode_case(2 if tiny else 64, Hd, E, I, K, device, dtype, experts_eager))
 
     from dskernels import fp8_gemm  # the FP8 GEMM of lesson 20 (DeepSeek-V3's block scales)
 
@@ -251,6 +256,34 @@ def _cases(tiny: bool, device: str, dtype: torch.dtype, compile_: bool) -> list[
 
     cases += flash_attention_v4.bench_cases(tiny, device, dtype)
     return cases
+
+
+def _moe_decode_case(T: int, Hd: int, E: int, I: int, K: int, device: str, dtype: torch.dtype,
+                     experts_eager: Callable) -> Case:
+    """MoE experts in the decode regime: T tokens (64 at DeepSeek-V2-Lite's shapes: 6 rows per expert),
+    routed round-robin so every expert is used; the floor is the bytes of all experts' weights read once
+    (`dskernels.moe.decode_bytes`)."""
+    from dskernels import moe
+
+    def make(g):
+        pairs = torch.arange(T * K, device=device)
+        topk_idx = (pairs % E).view(T, K)  # distinct experts per token while K <= E; all E used
+        topk_weight = torch.rand(T, K, generator=g, device=device)
+        args = (_randn(g, T, Hd, dtype=dtype, device=device), topk_idx, topk_weight,
+                _randn(g, E, I, Hd, dtype=dtype, device=device, scale=Hd ** -0.5),
+                _randn(g, E, I, Hd, dtype=dtype, device=device, scale=Hd ** -0.5),
+                _randn(g, E, Hd, I, dtype=dtype, device=device, scale=I ** -0.5))
+        return *args, {step: moe.plan_experts(*args, step=step) for step in ("v2", "v3")}
+
+    return Case(
+        "MoE experts (decode)", f"T{T} H{Hd} E{E} I{I} top{K}", 2 * T * K * 3 * Hd * I,
+        moe.decode_bytes(T, Hd, I, E, dtype.itemsize), make,
+        {"v2 (grouped)": lambda *a: moe.launch_experts(a[6]["v2"], *a[:6]),
+         "v3 (decode blocks, fused combine)": lambda *a: moe.launch_experts(a[6]["v3"], *a[:6]),
+         "PyTorch eager (loop)": lambda *a: experts_eager(*a[:6], None, None)},
+        lambda *a: moe.reference(*(t.float() if t.is_floating_point() else t for t in a[:6])),
+        "v2, v3: the launches (and the combine); their plans (alignment: a sort, a host sync) outside, once "
+        "per routing; the eager loop: everything")
 
 
 def _run_case(case: Case, device: str, warmup: int, reps: int, input_sets: int) -> None:

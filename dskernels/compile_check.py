@@ -23,8 +23,9 @@ float8, so no float8 config exists):
   flash attn v4  the forward in every autotune config that fits, its backward kernels; heads 128/128 and
                MLA's 192/128, causal;
   MLA decode   v1/v2/v3 and the merge, DeepSeek-V3's 512 + 64 latent (block_h 16, block_n from the wrapper's
-               pick) and a small 64 + 16 one;
-  MoE          gate/up and down at the default 64-blocks.
+               pick) and a small 64 + 16 one; v4 (FlashMLA's design) and its merge at block_h 64, 64-token
+               pages;
+  MoE          gate/up, down and down + combine (v3) at the default 64-blocks.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dskernels import flash_attention as fa
 from dskernels import flash_attention_v4 as fa4
 from dskernels import matmul as mm
 from dskernels import mla_decode as md
+from dskernels import mla_decode_flash as mf
 from dskernels import moe
 from dskernels import rowwise
 from dskernels._checks import interpreting
@@ -188,7 +190,22 @@ def _mla_decode(dtype, budget) -> list[Config]:
                            estimate=estimate))
         out.append(_config(f"MLA merge {C}", md.merge_splits_kernel, dtype,
                            dict(C=C, NUM_SPLITS=4, BLOCK_S=4, BLOCK_C=md.next_pow2_16(C)), types))
+        out += _mla_decode_flash(C, R, dtype, budget, types)
     return out
+
+
+def _mla_decode_flash(C, R, dtype, budget, types) -> list[Config]:
+    """Step v4 (`dskernels.mla_decode_flash`): 128 heads over 64-token pages, the blocks its plan picks."""
+    block_h, block_n, stages = mf.pick_blocks(C, R, 128, 64, dtype, budget)  # 128 heads, as DeepSeek-V3
+    meta = dict(C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=64, BLOCK_C=md.next_pow2_16(C),
+                BLOCK_R=md.next_pow2_16(R), IEEE=dtype == torch.float32)
+    types = {**types, **{name: "*i32" for name in ("part_start_ptr", "piece_seq_ptr", "piece_begin_ptr",
+                                                    "piece_end_ptr", "seq_piece_start_ptr")}}
+    return [_config(f"MLA decode v4 {C}+{R} block_h={block_h} block_n={block_n}", mf.mla_decode_v4_kernel,
+                    dtype, meta, types, num_stages=stages,
+                    estimate=md.shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages)),
+            _config(f"MLA merge pieces {C}", mf.merge_pieces_kernel, dtype,
+                    dict(C=C, BLOCK_H=block_h, BLOCK_C=md.next_pow2_16(C)), types)]
 
 
 def _moe(dtype, budget) -> list[Config]:
@@ -198,6 +215,9 @@ def _moe(dtype, budget) -> list[Config]:
     return [_config("MoE gate/up 64x64x64", moe.gate_up_kernel, dtype, {**const, "TOP_K": 6}, types,
                     num_stages=stages, estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages)),
             _config("MoE down 64x64x64", moe.down_kernel, dtype, const, types, num_stages=stages,
+                    estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1)),
+            _config("MoE down + combine 64x64x64", moe.down_combine_kernel, dtype, {**const, "TOP_K": 6},
+                    {**types, "out_ptr": "*fp32"}, num_stages=stages,
                     estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1))]
 
 

@@ -101,6 +101,7 @@ def sweep(tiny: bool, device: str) -> dict:
     from dskernels import flash_attention as fa
     from dskernels import matmul as mm
     from dskernels import mla_decode as md
+    from dskernels.mla_decode_flash import mla_decode_flash
     from dskernels import moe
     from dskernels import rowwise
     from dskernels._checks import compare, runnable_dtypes
@@ -155,6 +156,8 @@ def sweep(tiny: bool, device: str) -> dict:
             pages = md.paginate(ck, kp, seq_lens, generator=torch.Generator().manual_seed(0))
             check("MLA decode", "v3", f"B{B} H{H} {C}+{R} lens {lens}", dtype,
                   md.mla_decode_paged(ql, qp, *pages, seq_lens, 0.07), ref)
+            check("MLA decode", "v4", f"B{B} H{H} {C}+{R} lens {lens}", dtype,
+                  mla_decode_flash(ql, qp, *pages, seq_lens, 0.07), ref)
         for T, Hd, I, E, k in [(1, 48, 40, 8, 3), (37, 48, 40, 8, 3)] + ([] if tiny else [(1000, 512, 352, 64, 6)]):
             used = max(E - 3, k)  # the last 3 experts get no token
             idx = torch.stack([torch.randperm(used, generator=g, device=device)[:k] for _ in range(T)])

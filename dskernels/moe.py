@@ -19,6 +19,14 @@ Ladder:
       down:  one launch; the same blocks times w_down, each row scaled by its weight g and stored at its pair's
              place (t * k + j); the k rows of a token are then summed (the combine, in token order).
 
+  v3: the combine fused into the down launch, and blocks sized for decode.
+      down + combine: each row's weighted output g * expert(x) is added (tl.atomic_add, float32) straight
+             into its token's output row: no [T * k, H] buffer written and read back, no separate sum.
+      decode: with a few tokens per expert (T * k / E rows each) a 64-row block is mostly padding; v3's
+             blocks are the power of two >= 16 that covers the expected rows per expert (at most block_m),
+             so the launch reads each used expert's weights once with little wasted work: the time is the
+             weight bytes (`decode_bytes`), the floor `dskernels.bench` compares it with.
+
 `moe_experts` = `plan_experts` (validation, the alignment: host syncs) + `launch_experts` (the launches).
 """
 
@@ -35,7 +43,7 @@ from dskernels._checks import check_kernel_input, check_like, most_stages_that_f
 from refimpl.checks import check_int
 from refimpl.moe import MLP, combine, dispatch, run_experts
 
-STEPS = ("v1", "v2")
+STEPS = ("v1", "v2", "v3")
 
 
 def align_to_experts(topk_idx: torch.Tensor, n_experts: int, block_m: int):
@@ -190,6 +198,8 @@ def plan_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
         check_int(name, size, 16)
         if size & (size - 1):
             raise ValueError(f"{name}: expected a power of two >= 16 (tl.dot's minimum on a GPU), got {size}")
+    if step == "v3":  # decode regime: blocks no taller than an expert's expected rows
+        block_m = decode_block_m(T * topk_idx.shape[1], E, block_m)
     stages = pick_num_stages(block_m, block_n, block_k, x.dtype, shared_memory_budget(x.device))
     shapes = tuple(tuple(t.shape) for t in (x, topk_idx, topk_weight, w_gate, w_up, w_down))
     if step == "v1" or T == 0:
@@ -212,6 +222,8 @@ def launch_experts(plan: ExpertsPlan, x: torch.Tensor, topk_idx: torch.Tensor, t
         return x.new_zeros(0, H)
     if plan.step == "v1":
         return _experts_loop(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+    if plan.step == "v3":
+        return _launch_v3(plan, x, topk_idx, w_gate, w_up, w_down)
     I = w_gate.shape[1]
     top_k = topk_idx.shape[1]
     num_blocks = plan.block_expert.numel()
@@ -265,3 +277,69 @@ def reference(x, topk_idx, topk_weight, w_gate, w_up, w_down) -> torch.Tensor:
         x_sorted, token_idx, sort_order, counts = dispatch(x, topk_idx, E)
         expert_out = run_experts(experts, x_sorted, counts)
         return combine(expert_out, token_idx, sort_order, topk_weight, x.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------ step v3
+
+
+def decode_block_m(pairs: int, n_experts: int, block_m: int) -> int:
+    """Rows per aligned block in step v3: the power of two >= 16 covering the mean rows per expert
+    (pairs / n_experts), at most block_m. DeepSeek-V2-Lite decode, 64 tokens x top-6 over 64 experts: 16."""
+    return min(block_m, max(16, triton.next_power_of_2(-(-pairs // max(n_experts, 1)))))
+
+
+def decode_bytes(T: int, H: int, I: int, experts_used: int, itemsize: int) -> int:
+    """The least bytes one routed-experts call moves: each used expert's three [I, H] weights, read once,
+    and the activations x and out [T, H] (the floor of the decode regime, where the weights dominate)."""
+    return (3 * experts_used * I * H + 2 * T * H) * itemsize
+
+
+@triton.jit
+def down_combine_kernel(h_ptr, w_down_ptr, sorted_pairs_ptr, block_expert_ptr, topk_weight_ptr, out_ptr,
+                        num_pairs, H, I, TOP_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """As `down_kernel`, with the combine fused: out[token, n tile] += g_pair * (h[row] @ w_down[e]^T) for
+    each row of the block (tl.atomic_add; the k pairs of a token may sit in different programs).
+    out [T, H] float32, zeroed before the launch."""
+    block = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden units [BLOCK_N]
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: rows * I may pass 2^31
+    expert = tl.load(block_expert_ptr + block).to(tl.int64)
+    pair = tl.load(sorted_pairs_ptr + rows).to(tl.int64)
+    is_row = pair < num_pairs
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        k = k0 + ks
+        h = tl.load(h_ptr + rows[:, None] * I + k[None, :], mask=is_row[:, None] & (k[None, :] < I), other=0.0)
+        w = tl.load(w_down_ptr + expert * H * I + cols[None, :] * I + k[:, None],
+                    mask=(cols[None, :] < H) & (k[:, None] < I), other=0.0)  # w_down[e]^T tile
+        if IEEE:
+            acc = tl.dot(h, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
+    g = tl.load(topk_weight_ptr + pair, mask=is_row, other=0.0)  # [BLOCK_M]
+    # as refimpl.moe.combine: the expert's output rounded to the activations' dtype, times the weight
+    weighted = acc.to(h_ptr.dtype.element_ty).to(tl.float32) * g[:, None]
+    token = pair // TOP_K  # [BLOCK_M]
+    tl.atomic_add(out_ptr + token[:, None] * H + cols[None, :], weighted,
+                  mask=is_row[:, None] & (cols[None, :] < H))
+
+
+def _launch_v3(plan: ExpertsPlan, x, topk_idx, w_gate, w_up, w_down) -> torch.Tensor:
+    """Step v3: v2's gate/up launch (SwiGLU fused), then the down launch with the combine fused."""
+    T, H = x.shape
+    I = w_gate.shape[1]
+    top_k = topk_idx.shape[1]
+    num_blocks = plan.block_expert.numel()
+    h = torch.empty(num_blocks * plan.block_m, I, dtype=x.dtype, device=x.device)
+    meta = dict(BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, IEEE=x.dtype == torch.float32,
+                num_stages=plan.num_stages)
+    gate_up_kernel[(num_blocks, triton.cdiv(I, plan.block_n))](
+        x, w_gate, w_up, plan.sorted_pairs, plan.block_expert, h, T * top_k, H, I, TOP_K=top_k, **meta)
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    down_combine_kernel[(num_blocks, triton.cdiv(H, plan.block_n))](
+        h, w_down, plan.sorted_pairs, plan.block_expert, plan.topk_weight, out, T * top_k, H, I,
+        TOP_K=top_k, **meta)
+    return out.to(x.dtype)

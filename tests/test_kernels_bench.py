@@ -18,9 +18,10 @@ def test_bench_tiny_runs_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     ops = {r["op"] for r in saved["ops"]}
     assert ops == {"softmax", "rmsnorm", "matmul", "flash attention (causal)", "MLA decode (absorbed)",
-                   "MoE experts", "FP8 GEMM (V3 block scales)", "flash attention backward (causal)"}
+                   "MoE experts", "MoE experts (decode)", "FP8 GEMM (V3 block scales)",
+                   "flash attention backward (causal)"}
     impls = {(r["op"], r["impl"]) for r in saved["ops"]}
-    for step in ("v1", "v2", "v3 (paged)", "v2, plan + launch"):  # every ladder step is there
+    for step in ("v1", "v2", "v3 (paged)", "v4 (FlashMLA design)", "v2, plan + launch"):  # every ladder step is there
         assert ("MLA decode (absorbed)", step) in impls
     assert not any("compile" in impl for _, impl in impls)
     assert all(r["timed"] for r in saved["ops"])

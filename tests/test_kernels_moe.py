@@ -90,3 +90,42 @@ def test_bad_input_is_named(device):
         moe.moe_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, block_m=48)
     with pytest.raises(ValueError, match="block_m=1024, block_n=1024, block_k=1024: .* B of shared memory"):
         moe.moe_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, block_m=1024, block_n=1024, block_k=1024)
+
+
+@pytest.mark.parametrize("dtype", runnable_dtypes())
+def test_v3_decode_regime_a_few_tokens_per_expert(dtype, device):
+    # 3 tokens x top-2 over 16 experts (DeepSeek-V2-Lite decode has 64 x 6 over 64: 6 rows per expert):
+    # 16-row blocks, the combine summed in the down launch (each token's 2 rows in different programs)
+    args = _inputs(3, 48, 40, 16, 2, dtype, device)
+    plan = moe.plan_experts(*args, step="v3", block_n=32, block_k=32)
+    assert plan.block_m == 16
+    assert_close(moe.launch_experts(plan, *args), _reference(*args), dtype=dtype)
+
+
+def test_v3_fuses_the_combine_into_the_down_launch(device, monkeypatch):
+    args = _inputs(9, 32, 16, 4, 3, torch.float32, device)
+    launched = []
+    for name in ("gate_up_kernel", "down_kernel", "down_combine_kernel"):
+        kernel = getattr(moe, name)
+        monkeypatch.setattr(moe, name, _Recorder(kernel, name, launched))
+    assert_close(moe.moe_experts(*args, step="v3", block_m=16, block_n=16, block_k=16), _reference(*args))
+    assert launched == ["gate_up_kernel", "down_combine_kernel"]  # no per-pair buffer summed afterwards
+
+
+class _Recorder:
+    """kernel[grid](...) that records the kernel's name, then launches it."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+def test_decode_block_m_and_bytes_floor():
+    assert moe.decode_block_m(64 * 6, 64, 64) == 16  # V2-Lite decode: 6 rows per expert
+    assert moe.decode_block_m(8192 * 6, 64, 64) == 64  # prefill: 768 rows per expert, capped at block_m
+    assert moe.decode_block_m(40 * 6, 8, 64) == 32
+    # V2-Lite experts (H 2048, I 1408), 64 used, bf16: 3 * 64 * 1408 * 2048 * 2 B = 1.107 GB of weights
+    assert moe.decode_bytes(64, 2048, 1408, 64, 2) == 3 * 64 * 1408 * 2048 * 2 + 2 * 64 * 2048 * 2
