@@ -130,6 +130,10 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0
     seq_aux: bool = False
     num_nextn_predict_layers: int = 0  # V3's multi-token prediction modules (not used for inference here)
+    # --- DeepSeek Sparse Attention (V3.2-Exp): a lightning indexer per layer; index_topk None: dense MLA ---
+    index_topk: int | None = None  # tokens each query attends to (2048 in V3.2-Exp)
+    index_n_heads: int | None = None  # H_I, the indexer's heads (64)
+    index_head_dim: int | None = None  # the indexer's query/key width (128)
     # --- sliding-window attention (Mistral-7B-v0.1: 4096); None: every token attends to all before it ---
     sliding_window: int | None = None  # a token attends to at most this many tokens (itself included)
     # --- bookkeeping, not architecture ---
@@ -193,6 +197,7 @@ class ModelConfig:
                 raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.is_moe:
             self._validate_moe()
+        self._validate_dsa()
 
     def _validate_mla(self):
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
@@ -244,6 +249,24 @@ class ModelConfig:
         if self.topk_method not in TOPK_METHODS:
             raise ValueError(f"topk_method: expected one of {TOPK_METHODS}, got {self.topk_method!r}")
         check_number("routed_scaling_factor", self.routed_scaling_factor, positive=True)
+
+    def _validate_dsa(self):
+        fields = ("index_topk", "index_n_heads", "index_head_dim")
+        given = [getattr(self, f) is not None for f in fields]
+        if not any(given):
+            return
+        if not all(given):
+            raise ValueError(f"index_topk, index_n_heads, index_head_dim: a DSA config sets all three, got "
+                             f"{ {f: getattr(self, f) for f in fields} }")
+        for name in fields:
+            check_int(name, getattr(self, name), 1)
+        if not self.is_mla or self.q_lora_rank is None:
+            raise ValueError("q_lora_rank: DSA's indexer reads the MLA query latent, so it needs an MLA config "
+                             f"with q_lora_rank set, got kv_lora_rank={self.kv_lora_rank}, "
+                             f"q_lora_rank={self.q_lora_rank}")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            raise ValueError(f"index_head_dim: expected at least qk_rope_head_dim ({self.qk_rope_head_dim}), "
+                             f"got {self.index_head_dim}")
 
     # ------------------------------------------------------------------ reading and writing
     @classmethod
@@ -301,6 +324,7 @@ class ModelConfig:
 # instance, writes neither scoring_func nor topk_method, because its V3 router is always sigmoid + bias-corrected.
 _MODEL_TYPE_DEFAULTS = {
     "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+    "deepseek_v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},  # V3's router, as transformers
 }
 
 

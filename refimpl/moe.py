@@ -18,7 +18,10 @@ into weights (normalized to sum 1 in V3, then multiplied by `routed_scaling_fact
 Experts must be used evenly, or some idle while others are overloaded. Two remedies are here:
 
 * auxiliary balance losses added to the training loss (`expert_balance_loss`, `device_balance_loss`,
-  `communication_balance_loss`: V2 sec. 2.2.3; `sequence_balance_loss`: V3 sec. 2.1.2);
+  `communication_balance_loss`: V2 sec. 2.2.3; `sequence_balance_loss`: V3 sec. 2.1.2). The papers count T
+  over the tokens of one *sequence* (V2's config.json has `seq_aux: true`); `sequence_balance_loss` computes
+  that form for a batch of sequences, the others take whatever tokens they are given (a whole batch in
+  `refimpl.train` unless the config has `seq_aux=True`, the batch-level form of Switch Transformer);
 * V3's auxiliary-loss-free balancing: a per-expert bias b_i added to the scores *only to choose* the experts,
   nudged after each step towards under-loaded experts (`update_bias`).
 
@@ -190,11 +193,15 @@ def expert_load(topk_idx: torch.Tensor, n_routed_experts: int) -> torch.Tensor:
 
 def expert_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed_experts: int,
                         alpha: float) -> torch.Tensor:
-    """DeepSeek-V2's expert-level balance loss (eq. 23-25), over all T tokens of the batch:
+    """DeepSeek-V2's expert-level balance loss (eq. 23-25), over the T tokens it is given:
 
         L_ExpBal = alpha * sum_i f_i P_i,   f_i = N' / (K' T) * (tokens choosing expert i),   P_i = mean_t s_{i,t}
 
     N' = n_routed_experts, K' = k. f_i is 1 for every expert when the load is even; only P_i carries a gradient.
+    In DeepSeek-V2 (and DeepSeekMoE, eq. 12-14) T is the tokens of one sequence: V2's config.json has
+    `seq_aux: true`, and `sequence_balance_loss` computes that form per sequence of a batch (for softmax scores
+    its normalization is a no-op). Given all the tokens of a batch, this is the batch-level form (Switch
+    Transformer, eq. 4-6, there with alpha * N).
     scores: [tokens, n_routed_experts], topk_idx: [tokens, k] -> a scalar. 0 tokens give 0 (see `_no_tokens`).
     """
     _check_routing(scores, topk_idx, n_routed_experts)
@@ -272,8 +279,9 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_routed
         s'_{i,t} = s_{i,t} / sum_j s_{j,t},   P_i = mean_t s'_{i,t}
 
     The paper defines it for one sequence; for a batch we average over the sequences (as DeepSeek-V2's released
-    `seq_aux` code does). Rows are tokens in [batch, seq] order (row = b * seq_len + t), as DeepSeekMoE
-    flattens them. scores: [batch * seq, E], topk_idx: [batch * seq, k] -> a scalar; 0 tokens give 0.
+    `seq_aux` code does). With softmax scores (s' = s) this is also DeepSeek-V2's expert-level loss (eq. 23-25)
+    in the per-sequence form its paper and config (`seq_aux: true`) use. Rows are tokens in [batch, seq] order
+    (row = b * seq_len + t), as DeepSeekMoE flattens them. scores: [batch * seq, E], topk_idx: [batch * seq, k] -> a scalar; 0 tokens give 0.
     """
     _check_routing(scores, topk_idx, n_routed_experts)
     if scores.shape[0] != batch_size * seq_len:

@@ -5,8 +5,9 @@ section 3.1.2 and V3 section 4.2 clip at 1.0 too), a fixed seed, and a held-out 
 What is DeepSeek-specific is how it keeps the routed experts evenly loaded; both ways are here:
 
 * a balance loss added to the cross-entropy (`aux_loss_alpha`), from `refimpl.moe`:
-  `expert_balance_loss`, DeepSeek-V2 section 2.2.3, L_ExpBal = alpha * sum_i f_i P_i over the batch; or, when
-  the config has `seq_aux=True`, `sequence_balance_loss`, V3 section 2.1.2, the same per sequence (eq. 17-20).
+  `expert_balance_loss`, DeepSeek-V2 section 2.2.3, L_ExpBal = alpha * sum_i f_i P_i over the whole batch; or,
+  when the config has `seq_aux=True` (V2's and V3's config.json do), `sequence_balance_loss`, the same per
+  sequence and averaged over the batch, as the papers define T (V2 eq. 24, V3 eq. 17-20).
   DeepSeek's released MoEGate chooses between the two with the same `seq_aux` flag;
 * V3's auxiliary-loss-free balancing (`bias_update_gamma`, V3 section 2.1.2): after each step every router's
   `e_score_correction_bias` moves by gamma: up for experts that got fewer tokens than average, down for those
