@@ -362,6 +362,86 @@ def _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale):
 
 
 # ---------------------------------------------------------------------------------------------------- registry
+# ---------------------------------------------------------------------------------------------------- parallelism
+# Exercise 09 (lessons 21, 22): a pipeline schedule's bubble, and DeepSeek Sparse Attention's indexer. Hidden
+# cases are stratified: consecutive case seeds cycle through every kind of case (`_kind`), so all three hidden
+# cases together cover every branch at every instructor seed.
+def _kind(gen: torch.Generator, kinds: tuple):
+    return kinds[gen.initial_seed() % len(kinds)]
+
+
+def _as_lists(order) -> list:
+    """refimpl.pipeline's order {rank: [(Op, ...), ...]} -> [[[(kind, stage, microbatch), ...], ...], ...]."""
+    return [[[(op.kind, op.stage, op.microbatch) for op in action] for action in order[r]]
+            for r in sorted(order)]
+
+
+def _bubble_args(gen, hidden):
+    from refimpl import pipeline
+
+    if not hidden:
+        pp, m = (3, 5) if gen.initial_seed() % 2 else (2, 4)
+        order = pipeline.pipeline_order("1F1B", pp, m) if pp == 3 else pipeline.zb1p_order(pp, m)
+        return _as_lists(order), {"F": 1.0, "B": 2.0, "W": 1.0, "F&B": 2.5}
+    kind = _kind(gen, ("zb1p", "dualpipev", "gpipe"))
+    pp, m = _pick(gen, 2, 3, 4), _pick(gen, 4, 6, 8)
+    F, W = 0.5 + float(torch.rand((), generator=gen)), 0.2 + 0.3 * float(torch.rand((), generator=gen))
+    B = W + 0.5 + float(torch.rand((), generator=gen))
+    durations = {"F": round(F, 3), "B": round(B, 3), "W": round(W, 3), "F&B": round(max(F, B) + 0.3, 3)}
+    if kind == "zb1p":
+        return _as_lists(pipeline.zb1p_order(pp, m)), durations
+    if kind == "dualpipev":
+        return _as_lists(pipeline.pipeline_order("DualPipeV", pp, 2 * pp + m)), durations
+    return _as_lists(pipeline.pipeline_order("GPipe", pp, m)), durations
+
+
+def _bubble_ref(order, durations):
+    from refimpl import pipeline
+
+    ops = {r: [tuple(pipeline.Op(*op) for op in action) for action in acts] for r, acts in enumerate(order)}
+    return [float(b) for b in pipeline.bubble(pipeline.simulate(ops, durations)).values()]
+
+
+def _index_args(gen, hidden):
+    seq, heads, d = (_pick(gen, 1, 3, 5), _pick(gen, 2, 4), _pick(gen, 4, 8)) if hidden else (3, 2, 4)
+    # queries after a cached prefix (bottom-right causal mask), visible and in two of three hidden cases
+    prefix = 3 if not hidden else _pick(gen, 2, 6) if _kind(gen, ("prefix", "none", "prefix")) == "prefix" else 0
+    kv_len = prefix + seq
+    w = _randn(gen, seq, heads)  # weights of both signs: a ReLU applied after the weights fails
+    return _randn(gen, seq, heads, d), _randn(gen, kv_len, d), w
+
+
+def _index_ref(q, k, w):
+    seq, kv_len = q.shape[0], k.shape[0]
+    scores = torch.einsum("sh,sht->st", w, torch.relu(torch.einsum("shd,td->sht", q, k)))
+    return scores.masked_fill(~decoder_mask(None, seq, kv_len)[0, 0], float("-inf"))
+
+
+def _topk_args(gen, hidden):
+    seq, kv_len = (_pick(gen, 2, 4), _pick(gen, 5, 9)) if hidden else (3, 6)
+    scores = _randn(gen, seq, kv_len)
+    kind = _kind(gen, ("ties", "clamp", "masked")) if hidden else "ties"
+    if kind == "ties":  # ReLU makes exact zeros, hence ties: the earlier token wins
+        scores = scores.clamp(min=0.0)
+    scores = scores.masked_fill(~decoder_mask(None, seq, kv_len)[0, 0], float("-inf"))
+    topk = kv_len + 3 if kind == "clamp" else _pick(gen, 2, 3) if hidden else 3
+    return scores, topk
+
+
+def _topk_ref(scores, topk):
+    from refimpl.dsa import select_topk
+
+    return select_topk(scores[None], topk)[0]
+
+
+PARALLELISM_QUESTIONS = [
+    Question("simulate_bubble", ("order", "durations"), _bubble_args, _bubble_ref,
+             ("refimpl.pipeline.simulate", "refimpl.pipeline.bubble")),
+    Question("index_scores", ("q", "k", "w"), _index_args, _index_ref, ("refimpl.dsa.LightningIndexer.scores",)),
+    Question("select_topk", ("scores", "topk"), _topk_args, _topk_ref, ("refimpl.dsa.select_topk",)),
+]
+
+
 QUESTIONS = {q.name: q for q in [
     Question("causal_sdpa", ("q", "k", "v"), _sdpa_args, _sdpa_ref, SDPA_EQUIVALENTS, routes=ATTENTION_ROUTES),
     Question("kv_cache_update", ("cache_k", "cache_v", "k_new", "v_new", "start_pos"), _cache_args, _cache_ref,
@@ -393,7 +473,7 @@ QUESTIONS = {q.name: q for q in [
     Question("mla_decode_block", ("q_latent", "q_pe", "c_kv", "k_pe", "scale"), _decode_block_args,
              _decode_block_ref, SOFTMAX_EQUIVALENTS + SDPA_EQUIVALENTS, triton=True, atol=1e-5, rtol=1e-4,
              call_timeout=60.0, routes=SOFTMAX_ROUTES + ATTENTION_ROUTES),
-]}
+] + PARALLELISM_QUESTIONS}
 
 
 @dataclass(frozen=True)
@@ -417,4 +497,5 @@ EXERCISES = {
     "04_moe": Exercise(("route_topk", "route_group_limited", "moe_forward", "update_bias"), ("refimpl.moe",)),
     "05_accounting": Exercise(("kv_bytes_per_token", "activated_params"), ("refimpl.config",)),
     "06_kernels": Exercise(("softmax_rows", "mla_decode_block")),
+    "09_parallelism": Exercise(("simulate_bubble", "index_scores", "select_topk")),
 }
