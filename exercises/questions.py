@@ -497,5 +497,53 @@ EXERCISES = {
     "04_moe": Exercise(("route_topk", "route_group_limited", "moe_forward", "update_bias"), ("refimpl.moe",)),
     "05_accounting": Exercise(("kv_bytes_per_token", "activated_params"), ("refimpl.config",)),
     "06_kernels": Exercise(("softmax_rows", "mla_decode_block")),
+    "08_fp8": Exercise(("quantize_1x128", "block_scaled_matmul")),
     "09_parallelism": Exercise(("simulate_bubble", "index_scores", "select_topk")),
 }
+
+
+# ---------------------------------------------------------------------------------------------------- fp8 (08_fp8)
+# A self-contained block: the questions of exercises/src/08_fp8.ipynb (lesson 20), added to QUESTIONS.
+FP8_FORBIDDEN = tuple(f"refimpl.fp8.{f}" for f in (
+    "quantize_blocks", "quantize_activation", "quantize_weight", "dequantize_blocks", "block_scaled_matmul",
+    "fp8_matmul", "_quantize_blocked", "_fake_quantize")) + ("refimpl.checkpoint.dequantize_fp8",)
+
+
+def _fp8_activations(gen, m, k):
+    x = _randn(gen, m, k) * _pick(gen, 1.0, 1e-3, 50.0)
+    x[:, int(torch.randint(k, (1,), generator=gen))] *= 100.0  # an outlier channel
+    x[0, :128] = 0.0  # a tile of zeros: scale 1
+    return x
+
+
+def _quantize_1x128_args(gen, hidden):
+    m, k = (_pick(gen, 1, 3, 17), _pick(gen, 128, 384, 512)) if hidden else (4, 256)
+    return (_fp8_activations(gen, m, k),)
+
+
+def _quantize_1x128_ref(x):
+    from refimpl import fp8
+
+    return fp8.quantize_activation(x)
+
+
+def _block_scaled_args(gen, hidden):
+    from refimpl import fp8
+
+    m, n, k = (_pick(gen, 1, 5, 33), _pick(gen, 64, 128, 200), _pick(gen, 128, 384)) if hidden else (4, 130, 256)
+    a_q, a_scale = fp8.quantize_activation(_fp8_activations(gen, m, k))
+    b_q, b_scale = fp8.quantize_weight(_randn(gen, n, k) * torch.logspace(-2, 1, k))
+    return a_q, a_scale, b_q, b_scale
+
+
+def _block_scaled_ref(a_q, a_scale, b_q, b_scale):
+    from refimpl import fp8
+
+    return fp8.block_scaled_matmul(a_q, a_scale, b_q, b_scale)
+
+
+QUESTIONS.update({q.name: q for q in [
+    Question("quantize_1x128", ("x",), _quantize_1x128_args, _quantize_1x128_ref, FP8_FORBIDDEN),
+    Question("block_scaled_matmul", ("a_q", "a_scale", "b_q", "b_scale"), _block_scaled_args, _block_scaled_ref,
+             FP8_FORBIDDEN, atol=1e-3, rtol=1e-4),
+]})
