@@ -53,6 +53,12 @@ class Question:
     n_visible: int = 2
     n_hidden: int = 3
     call_timeout: float = 10.0  # seconds per call when graded
+    # address space (MiB) one call may add, where the exercise teaches a way that needs less memory than the
+    # naive one (MLA absorption): the check runs each call under this limit (exercises.feedback)
+    memory_budget_mb: int | None = None
+    # common mistakes: (what the learner did, the reference computed with that mistake); an answer equal to one
+    # of them is told which mistake it matches (exercises.feedback)
+    mistakes: tuple[tuple[str, Callable[..., object]], ...] = ()
 
     def cases(self, seed: int | None) -> list[tuple[str, tuple]]:
         """[(label, args)]: the visible cases when seed is None, else the hidden ones drawn from seed."""
@@ -86,6 +92,12 @@ def clone(value):
 # ---------------------------------------------------------------------------------------------------- helpers
 def _pick(gen: torch.Generator, *choices):
     return choices[int(torch.randint(len(choices), (1,), generator=gen))]
+
+
+def _kind(gen: torch.Generator, kinds: tuple):
+    """Stratified draws: consecutive case seeds cycle through `kinds`, so that every `len(kinds)` consecutive
+    cases (visible or hidden, at any instructor seed) cover every kind once."""
+    return kinds[gen.initial_seed() % len(kinds)]
 
 
 def _randn(gen: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
@@ -179,7 +191,7 @@ def _mla_module(gen, hidden) -> MultiHeadLatentAttention:
 def _mla_latents_args(gen, hidden):
     attn = _mla_module(gen, hidden)
     b, s = (_pick(gen, 1, 2), _pick(gen, 1, 3, 6)) if hidden else (2, 3)
-    start = _pick(gen, 0, 5) if hidden else 0
+    start = _kind(gen, (5, 0, 17) if hidden else (0, 3))  # positions after a cached prefix, or from 0
     return attn, _randn(gen, b, s, attn.hidden_size), start
 
 
@@ -204,10 +216,23 @@ def _mla_decompress_ref(attn, c_kv):
     return k_nope, v
 
 
+# A long cache of a wide model (128 heads of 256 + 256 dims over a rank-128 latent): decompressing it, the naive
+# way, needs kv_len * 128 * 512 * 4 bytes (1 GiB visible, 4 GiB hidden: over the sandbox's 3 GiB), while the
+# absorbed path needs a few MiB above the cache itself. MLA_BUDGET_MB is the limit per call.
+MLA_LONG = ModelConfig(vocab_size=32, hidden_size=128, num_hidden_layers=1, num_attention_heads=128,
+                       intermediate_size=32, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=256,
+                       qk_rope_head_dim=32, v_head_dim=256, rope_interleave=True)
+MLA_BUDGET_MB = 512
+
+
 def _mla_absorbed_args(gen, hidden):
-    attn = _mla_module(gen, hidden)
-    b, s = (_pick(gen, 1, 2), _pick(gen, 1, 3)) if hidden else (2, 2)
-    t = s + (_pick(gen, 0, 4) if hidden else 2)
+    if _kind(gen, ("small", "long", "small") if hidden else ("small", "long")) == "long":
+        attn = _randomize(MultiHeadLatentAttention(MLA_LONG), gen).eval()
+        b, s, t = 1, 1, (16384 if hidden else 4096)  # one decode step over a long cache
+    else:
+        attn = _mla_module(gen, hidden)
+        b, s = (_pick(gen, 1, 2), _pick(gen, 1, 3)) if hidden else (2, 2)
+        t = s + (_pick(gen, 0, 4) if hidden else 2)
     h = attn.num_heads
     return (attn, _randn(gen, b, h, s, attn.qk_nope_head_dim), _randn(gen, b, h, s, attn.qk_rope_head_dim),
             _randn(gen, b, t, attn.kv_lora_rank), _randn(gen, b, t, attn.qk_rope_head_dim))
@@ -216,7 +241,7 @@ def _mla_absorbed_args(gen, hidden):
 @torch.no_grad()
 def _mla_absorbed_ref(attn, q_nope, q_pe, c_kv, k_pe):
     mask = decoder_mask(None, q_nope.shape[2], c_kv.shape[1])  # causal, the queries are the last positions
-    return attn._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)  # the absorbed path must equal the naive one
+    return attn._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)  # equal to _attend_naive (tests/test_mla.py)
 
 
 MLA_FORBIDDEN = tuple(f"refimpl.mla.MultiHeadLatentAttention.{m}"
@@ -237,7 +262,8 @@ def _moe_config(gen, hidden, **changes) -> ModelConfig:
 
 
 def _route_args(gen, hidden):
-    config = _moe_config(gen, hidden, norm_topk_prob=_pick(gen, True, False) if hidden else True)
+    norm, scale = _kind(gen, ((True, 2.5), (False, 2.5), (True, 1.0))) if hidden else (True, 2.5)
+    config = _moe_config(gen, hidden, norm_topk_prob=norm, routed_scaling_factor=scale)
     gate = _randomize(moe.Router(config), gen, scale=1.0)
     return gate, _randn(gen, _pick(gen, 1, 5, 9) if hidden else 6, config.hidden_size)
 
@@ -246,7 +272,8 @@ def _group_route_args(gen, hidden):
     n_group = _pick(gen, 2, 4) if hidden else 4
     config = _moe_config(gen, hidden, n_routed_experts=n_group * (_pick(gen, 2, 3) if hidden else 2),
                          num_experts_per_tok=2, n_group=n_group, topk_group=_pick(gen, 1, 2) if hidden else 2,
-                         scoring_func="sigmoid", topk_method="noaux_tc")
+                         scoring_func="sigmoid", topk_method="noaux_tc",
+                         routed_scaling_factor=_kind(gen, (2.5, 1.0, 2.5)) if hidden else 2.5)
     gate = _randomize(moe.Router(config), gen, scale=1.0)
     gate.e_score_correction_bias.copy_(_randn(gen, config.n_routed_experts, scale=0.3))
     return gate, _randn(gen, _pick(gen, 1, 5, 9) if hidden else 6, config.hidden_size)
@@ -271,8 +298,21 @@ def _by_expert(result):
 
 
 def _moe_args(gen, hidden):
-    config = _moe_config(gen, hidden)
-    layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
+    kind = _kind(gen, ("dormant", "softmax", "dormant") if hidden else ("softmax", "dormant"))
+    if kind == "softmax":  # V2's router
+        config = _moe_config(gen, hidden)
+        layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
+    else:  # V3's router, and one expert no token is routed to, whose output overflows to inf: an answer that
+        # runs every expert on every token (and weighs the unchosen ones by 0) gets NaN (0 * inf)
+        config = _moe_config(gen, hidden, n_group=1, topk_group=1, scoring_func="sigmoid",
+                             topk_method="noaux_tc")
+        layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
+        dormant = int(torch.randint(config.n_routed_experts, (1,), generator=gen))
+        with torch.no_grad():
+            layer.gate.e_score_correction_bias.copy_(_randn(gen, config.n_routed_experts, scale=0.1))
+            layer.gate.e_score_correction_bias[dormant] = -1e4  # never chosen
+            for p in layer.experts[dormant].parameters():
+                p.mul_(1e15)  # its output overflows float32 on any token
     b, s = (_pick(gen, 1, 2), _pick(gen, 1, 4)) if hidden else (2, 3)
     return layer, _randn(gen, b, s, config.hidden_size)
 
@@ -284,9 +324,10 @@ def _moe_ref(layer, hidden_states):
 
 def _bias_args(gen, hidden):
     experts = _pick(gen, 3, 8, 10) if hidden else 8
-    load = torch.randint(0, 6, (experts,), generator=gen).float()
-    if hidden:  # some experts exactly at the mean load: their bias must not move
-        load[: experts // 2] = load.mean()
+    mean = int(torch.randint(1, 6, (1,), generator=gen))
+    pairs = torch.randint(1, mean + 1, ((experts - 1) // 2,), generator=gen)  # loads mean +- d
+    at_mean = torch.zeros(experts - 2 * len(pairs), dtype=torch.int64)  # at least one expert exactly at the mean
+    load = (mean + torch.cat((pairs, -pairs, at_mean)))[torch.randperm(experts, generator=gen)].float()
     gamma = _pick(gen, 0.001, 0.01, 0.1) if hidden else 0.01
     return _randn(gen, experts, scale=0.1), load, gamma
 
@@ -296,26 +337,43 @@ def _bias_ref(bias, load, gamma):
 
 
 # ---------------------------------------------------------------------------------------------------- accounting
+ACCOUNTING_VISIBLE = {  # each branch of the statement: MLA with q_lora and noaux_tc (V3), GQA (Llama), tied
+    "dense": "Llama-3-8B",
+    "mla": "DeepSeek-V3",
+    "mla tied": ModelConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
+                            intermediate_size=512, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32,
+                            qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
+                            num_experts_per_tok=2, moe_intermediate_size=64, first_k_dense_replace=1,
+                            tie_word_embeddings=True),
+    "dense tied": ModelConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=True,
+                              attention_bias=True),
+}
+
+
 def _config_args(gen, hidden):
+    kind = _kind(gen, ("mla", "dense tied", "mla tied", "dense"))
     if not hidden:
-        return (load_known(_pick(gen, "DeepSeek-V3", "DeepSeek-V2-Lite", "Llama-3-8B")),)
-    if _pick(gen, True, False):  # dense, GQA
+        config = ACCOUNTING_VISIBLE[kind]
+        return (load_known(config) if isinstance(config, str) else config,)
+    tied = kind.endswith("tied")
+    if kind.startswith("dense"):  # GQA, MQA or MHA
         heads = _pick(gen, 8, 12, 32)
         return (ModelConfig(vocab_size=_pick(gen, 1000, 32000), hidden_size=heads * 64,
                             num_hidden_layers=_pick(gen, 2, 7, 30), num_attention_heads=heads,
                             num_key_value_heads=_pick(gen, 1, 4, heads), intermediate_size=_pick(gen, 1000, 3000),
-                            tie_word_embeddings=_pick(gen, True, False), attention_bias=_pick(gen, True, False)),)
+                            tie_word_embeddings=tied, attention_bias=tied),)
     n_group = _pick(gen, 1, 4)
     return (ModelConfig(vocab_size=_pick(gen, 1000, 50000), hidden_size=_pick(gen, 512, 1024),
                         num_hidden_layers=_pick(gen, 3, 9), num_attention_heads=_pick(gen, 4, 16),
-                        intermediate_size=_pick(gen, 1000, 4000), q_lora_rank=_pick(gen, None, 192),
+                        intermediate_size=_pick(gen, 1000, 4000), q_lora_rank=None if tied else 192,
                         kv_lora_rank=_pick(gen, 64, 128), qk_nope_head_dim=_pick(gen, 32, 64),
                         qk_rope_head_dim=_pick(gen, 16, 32), v_head_dim=_pick(gen, 32, 64),
                         n_routed_experts=n_group * _pick(gen, 4, 8), n_shared_experts=_pick(gen, 0, 1, 2),
                         num_experts_per_tok=_pick(gen, 2, 4), moe_intermediate_size=_pick(gen, 128, 256),
                         n_group=n_group, topk_group=1, first_k_dense_replace=_pick(gen, 0, 1, 2),
-                        topk_method=_pick(gen, "greedy", "noaux_tc"), scoring_func="sigmoid",
-                        tie_word_embeddings=_pick(gen, True, False)),)
+                        topk_method="greedy" if tied else "noaux_tc", scoring_func="sigmoid",
+                        tie_word_embeddings=tied),)
 
 
 def _kv_bytes_args(gen, hidden):
@@ -337,9 +395,16 @@ ACCOUNTING_FORBIDDEN = tuple(f"refimpl.accounting.{f}" for f in (
 
 # ---------------------------------------------------------------------------------------------------- kernels
 def _softmax_args(gen, hidden):
-    rows, cols = (_pick(gen, 1, 3, 7), _pick(gen, 1, 5, 33, 100)) if hidden else (4, 16)
-    scale = _pick(gen, 1.0, 40.0) if hidden else 1.0  # large logits: exp overflows without the max trick
-    return (_randn(gen, rows, cols, scale=scale),)
+    """Widths that are not powers of two (a row stride of BLOCK, or a missing column mask, reads the wrong
+    values), large logits (exp overflows without the max subtracted) and all-negative ones (a masked lane
+    loaded as 0.0 becomes the max and adds to the sum)."""
+    kind = _kind(gen, ("large", "negative", "power of two") if hidden else ("large", "negative"))
+    rows = _pick(gen, 2, 3, 7) if hidden else 3
+    if kind == "large":
+        return (_randn(gen, rows, _pick(gen, 5, 33, 100) if hidden else 20, scale=40.0),)
+    if kind == "negative":
+        return (_randn(gen, rows, _pick(gen, 3, 7, 47) if hidden else 7) - 4.0,)
+    return (_randn(gen, rows, _pick(gen, 1, 16, 64), scale=40.0),)
 
 
 def _softmax_ref(x):
@@ -347,7 +412,11 @@ def _softmax_ref(x):
 
 
 def _decode_block_args(gen, hidden):
-    b, h, t = (_pick(gen, 1, 2), _pick(gen, 1, 3), _pick(gen, 1, 9, 40)) if hidden else (1, 2, 16)
+    # kv_len not a multiple of BLOCK_T = 8 (the last block needs its mask), shorter than one block, or a multiple
+    kind = _kind(gen, ("tail", "short", "multiple") if hidden else ("tail", "short"))
+    t = {"tail": _pick(gen, 9, 13, 30) if hidden else 13, "short": _pick(gen, 1, 3, 7) if hidden else 5,
+         "multiple": _pick(gen, 8, 16, 24)}[kind]
+    b, h = (_pick(gen, 1, 2), _pick(gen, 1, 3)) if hidden else (1, 2)
     r, dr = (_pick(gen, 8, 16), _pick(gen, 4, 8)) if hidden else (16, 8)
     scale = (24 ** -0.5)
     return (_randn(gen, b, h, r), _randn(gen, b, h, dr), _randn(gen, b, t, r), _randn(gen, b, t, dr), scale)
@@ -366,10 +435,6 @@ def _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale):
 # Exercise 09 (lessons 21, 22): a pipeline schedule's bubble, and DeepSeek Sparse Attention's indexer. Hidden
 # cases are stratified: consecutive case seeds cycle through every kind of case (`_kind`), so all three hidden
 # cases together cover every branch at every instructor seed.
-def _kind(gen: torch.Generator, kinds: tuple):
-    return kinds[gen.initial_seed() % len(kinds)]
-
-
 def _as_lists(order) -> list:
     """refimpl.pipeline's order {rank: [(Op, ...), ...]} -> [[[(kind, stage, microbatch), ...], ...], ...]."""
     return [[[(op.kind, op.stage, op.microbatch) for op in action] for action in order[r]]
@@ -456,7 +521,7 @@ QUESTIONS = {q.name: q for q in [
     Question("mla_decompress", ("attn", "c_kv"), _mla_decompress_args, _mla_decompress_ref, MLA_FORBIDDEN,
              routes=ATTENTION_ROUTES),
     Question("mla_absorbed", ("attn", "q_nope", "q_pe", "c_kv", "k_pe"), _mla_absorbed_args, _mla_absorbed_ref,
-             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES),
+             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES, memory_budget_mb=MLA_BUDGET_MB),
     Question("route_topk", ("gate", "x"), _route_args, _route_ref,
              ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert),
     Question("route_group_limited", ("gate", "x"), _group_route_args, _route_ref,
@@ -466,8 +531,9 @@ QUESTIONS = {q.name: q for q in [
     Question("update_bias", ("bias", "load", "gamma"), _bias_args, _bias_ref, ("refimpl.moe.update_bias",),
              mutated_args=(0,), atol=1e-7, rtol=1e-6),
     Question("kv_bytes_per_token", ("config", "bytes_per_element"), _kv_bytes_args, _kv_bytes_ref,
-             ACCOUNTING_FORBIDDEN),
-    Question("activated_params", ("config",), _config_args, _activated_ref, ACCOUNTING_FORBIDDEN),
+             ACCOUNTING_FORBIDDEN, n_visible=4, n_hidden=4),
+    Question("activated_params", ("config",), _config_args, _activated_ref, ACCOUNTING_FORBIDDEN, n_visible=4,
+             n_hidden=4),
     Question("softmax_rows", ("x",), _softmax_args, _softmax_ref, SOFTMAX_EQUIVALENTS, triton=True,
              atol=1e-6, rtol=1e-5, call_timeout=60.0, routes=SOFTMAX_ROUTES),
     Question("mla_decode_block", ("q_latent", "q_pe", "c_kv", "k_pe", "scale"), _decode_block_args,
