@@ -13,6 +13,7 @@ give away the exact cases. The expected answers are computed here, with `refimpl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -262,7 +263,7 @@ def _moe_config(gen, hidden, **changes) -> ModelConfig:
 
 
 def _route_args(gen, hidden):
-    norm, scale = _kind(gen, ((True, 2.5), (False, 2.5), (True, 1.0))) if hidden else (True, 2.5)
+    norm, scale = _kind(gen, ((True, 2.5), (False, 2.5), (True, 1.0)) if hidden else ((True, 2.5), (False, 2.5)))
     config = _moe_config(gen, hidden, norm_topk_prob=norm, routed_scaling_factor=scale)
     gate = _randomize(moe.Router(config), gen, scale=1.0)
     return gate, _randn(gen, _pick(gen, 1, 5, 9) if hidden else 6, config.hidden_size)
@@ -401,10 +402,10 @@ def _softmax_args(gen, hidden):
     kind = _kind(gen, ("large", "negative", "power of two") if hidden else ("large", "negative"))
     rows = _pick(gen, 2, 3, 7) if hidden else 3
     if kind == "large":
-        return (_randn(gen, rows, _pick(gen, 5, 33, 100) if hidden else 20, scale=40.0),)
+        return (_randn(gen, rows, _pick(gen, 5, 33, 100) if hidden else 20, scale=100.0),)
     if kind == "negative":
         return (_randn(gen, rows, _pick(gen, 3, 7, 47) if hidden else 7) - 4.0,)
-    return (_randn(gen, rows, _pick(gen, 1, 16, 64), scale=40.0),)
+    return (_randn(gen, rows, _pick(gen, 1, 16, 64), scale=100.0),)
 
 
 def _softmax_ref(x):
@@ -428,6 +429,176 @@ def _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale):
     k = torch.cat((c_kv, k_pe), dim=-1)[:, None].expand(-1, h, -1, -1)  # one latent key for every head
     v = c_kv[:, None].expand(-1, h, -1, -1)  # the values are the latents themselves
     return attention.scaled_dot_product_attention(q, k, v, scale=scale)[:, :, 0]  # [b, h, r]
+
+
+# ---------------------------------------------------------------------------------------------------- mistakes
+# The references computed with a common mistake (Question.mistakes): an answer equal to one is told which mistake
+# it made. Each takes the question's arguments; tests/test_exercise_mutants.py checks that each fails the visible
+# check and loses hidden points.
+def _top_left(q, k, v):
+    s, t = q.shape[-2], k.shape[-2]
+    mask = torch.ones(s, t, dtype=torch.bool).tril()[None, None]  # the first query sees the first key only
+    return attention.scaled_dot_product_attention(q, k, v, mask=mask)
+
+
+def _sdpa_no_scale(q, k, v):
+    return attention.scaled_dot_product_attention(q, k, v, scale=1.0, is_causal=True)
+
+
+def _decode_whole_cache(q, k_new, v_new, cache_k, cache_v, pos):
+    k, v = cache_k.clone(), cache_v.clone()
+    k[:, :, pos:pos + 1], v[:, :, pos:pos + 1] = k_new, v_new
+    cache_k.copy_(k), cache_v.copy_(v)
+    return attention.scaled_dot_product_attention(q, k, v)  # attends past pos too: stale or empty slots
+
+
+def _rope_half_split(x, cos, sin):
+    return rope.apply_rope(x, cos, sin, interleaved=False)
+
+
+@torch.no_grad()
+def _latents_from_zero(attn, hidden_states, start_pos):
+    return _mla_latents_ref(attn, hidden_states, 0)
+
+
+@torch.no_grad()
+def _latents_half_split(attn, hidden_states, start_pos):
+    attn = copy.copy(attn)
+    attn.rope_interleave = False
+    return _mla_latents_ref(attn, hidden_states, start_pos)
+
+
+@torch.no_grad()
+def _absorbed_no_scale(attn, q_nope, q_pe, c_kv, k_pe):
+    attn = copy.copy(attn)
+    attn.softmax_scale = 1.0
+    return _mla_absorbed_ref(attn, q_nope, q_pe, c_kv, k_pe)
+
+
+@torch.no_grad()
+def _absorbed_top_left(attn, q_nope, q_pe, c_kv, k_pe):
+    mask = torch.ones(q_nope.shape[2], c_kv.shape[1], dtype=torch.bool).tril()[None, None]
+    return attn._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+
+
+@torch.no_grad()
+def _route_unscaled(gate, x):
+    idx, weight = _route_ref(gate, x)
+    return idx, weight / gate.routed_scaling_factor
+
+
+@torch.no_grad()
+def _route_always_normalized(gate, x):
+    idx, weight = _route_unscaled(gate, x)
+    return idx, weight / weight.sum(-1, keepdim=True) * gate.routed_scaling_factor
+
+
+@torch.no_grad()
+def _route_biased_weights(gate, x):
+    idx, _ = _route_ref(gate, x)
+    choice = (x @ gate.weight.T).sigmoid() + gate.e_score_correction_bias
+    weight = choice.gather(1, idx)
+    return idx, weight / weight.sum(-1, keepdim=True) * gate.routed_scaling_factor
+
+
+@torch.no_grad()
+def _moe_dense(layer, hidden_states):
+    x = hidden_states.flatten(0, 1)  # [tokens, hidden]
+    routing = layer.gate(x)
+    weights = torch.zeros(x.shape[0], len(layer.experts)).scatter(1, routing.topk_idx, routing.topk_weight)
+    out = sum(weights[:, e, None] * expert(x) for e, expert in enumerate(layer.experts))
+    if layer.shared_experts is not None:
+        out = out + layer.shared_experts(x)
+    return out.view(hidden_states.shape)
+
+
+def _bias_moves_mean(bias, load, gamma):
+    bias += gamma * torch.where(load < load.mean(), 1.0, -1.0)
+    return bias
+
+
+def _kv_bytes_no_rope_key(config, bytes_per_element):
+    rope_key = config.qk_rope_head_dim if config.kv_lora_rank is not None else 0
+    return _kv_bytes_ref(config, bytes_per_element) - rope_key * config.num_hidden_layers * bytes_per_element
+
+
+def _kv_bytes_dense(config, bytes_per_element):
+    head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim if config.kv_lora_rank else config.head_dim
+    per_layer = 2 * config.num_key_value_heads * head_dim  # a key and a value per head
+    return per_layer * config.num_hidden_layers * bytes_per_element
+
+
+def _moe_layers(config) -> int:
+    return sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+
+
+def _activated_no_router_bias(config):
+    bias = config.n_routed_experts * _moe_layers(config) if config.topk_method == "noaux_tc" else 0
+    return _activated_ref(config) - bias
+
+
+def _activated_head_twice(config):
+    tied = config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
+    return _activated_ref(config) + tied
+
+
+def _activated_no_q_norm(config):
+    norm = config.q_lora_rank if config.kv_lora_rank is not None and config.q_lora_rank else 0
+    return _activated_ref(config) - norm * config.num_hidden_layers
+
+
+def _softmax_no_max(x):
+    e = x.exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+def _softmax_zero_lanes(x):
+    cols = x.shape[1]
+    padded = torch.nn.functional.pad(x, (0, (1 << max(cols - 1, 0).bit_length()) - cols))  # lanes of 0.0
+    e = (padded - padded.max(-1, keepdim=True).values).exp()
+    return (e / e.sum(-1, keepdim=True))[:, :cols]
+
+
+def _decode_block_no_tail_mask(q_latent, q_pe, c_kv, k_pe, scale):
+    pad = -c_kv.shape[1] % 8  # the loop's last block of BLOCK_T = 8, its missing rows scored as 0
+    c_kv, k_pe = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (c_kv, k_pe))
+    return _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale)
+
+
+def _decode_block_no_scale(q_latent, q_pe, c_kv, k_pe, scale):
+    return _decode_block_ref(q_latent, q_pe, c_kv, k_pe, 1.0)
+
+
+TOP_LEFT = "used a top-left causal mask: the queries are the last positions (bottom-right, after the prefix)"
+NO_SCALE = "left out the softmax scale 1/sqrt(d) on the scores"
+MISTAKES = {
+    "causal_sdpa": ((TOP_LEFT, _top_left), (NO_SCALE, _sdpa_no_scale)),
+    "decode_step": (("attended to the whole cache: positions after pos are stale or empty", _decode_whole_cache),),
+    "rope_interleaved": (("rotated the two halves (Llama's layout), not DeepSeek's interleaved pairs",
+                          _rope_half_split),),
+    "mla_latents": (("ignored start_pos: the positions start after the cached prefix", _latents_from_zero),
+                    ("rotated the two halves of k_pe, not interleaved pairs", _latents_half_split)),
+    "mla_absorbed": (("left out attn.softmax_scale on the scores", _absorbed_no_scale),
+                     (TOP_LEFT, _absorbed_top_left)),
+    "route_topk": (("left out routed_scaling_factor", _route_unscaled),
+                   ("normalized the weights although norm_topk_prob is False", _route_always_normalized)),
+    "route_group_limited": (("left out routed_scaling_factor", _route_unscaled),
+                            ("took the weights from the biased scores: the bias only chooses the experts",
+                             _route_biased_weights)),
+    "moe_forward": (("ran every expert on every token: run each routed expert on its own tokens only",
+                     _moe_dense),),
+    "update_bias": (("moved the bias of an expert exactly at the mean load: it stays", _bias_moves_mean),),
+    "kv_bytes_per_token": (("left out MLA's shared RoPE key (qk_rope_head_dim per layer)", _kv_bytes_no_rope_key),
+                           ("used the MHA/GQA formula for an MLA model: MLA caches the latent", _kv_bytes_dense)),
+    "activated_params": (("left out the noaux_tc router bias (n_routed_experts per MoE layer)",
+                          _activated_no_router_bias),
+                         ("counted the output head although it is tied to the embedding", _activated_head_twice),
+                         ("left out q_a_layernorm (q_lora_rank weights per layer)", _activated_no_q_norm)),
+    "softmax_rows": (("did not subtract the row max: exp overflows on large logits", _softmax_no_max),
+                     ("loaded the masked lanes as 0.0: load them as -inf", _softmax_zero_lanes)),
+    "mla_decode_block": (("did not mask the positions past kv_len in the last block", _decode_block_no_tail_mask),
+                         ("left out the scale on the scores", _decode_block_no_scale)),
+}
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -540,6 +711,7 @@ QUESTIONS = {q.name: q for q in [
              _decode_block_ref, SOFTMAX_EQUIVALENTS + SDPA_EQUIVALENTS, triton=True, atol=1e-5, rtol=1e-4,
              call_timeout=60.0, routes=SOFTMAX_ROUTES + ATTENTION_ROUTES),
 ] + PARALLELISM_QUESTIONS}
+QUESTIONS.update({name: dataclasses.replace(QUESTIONS[name], mistakes=m) for name, m in MISTAKES.items()})
 
 
 @dataclass(frozen=True)
