@@ -23,6 +23,7 @@ def check(name: str, fn) -> None:
     if not callable(fn):
         raise AssertionError(f"{name} should be a function, got {describe(fn)}")
     canon = question.canonical or (lambda x: x)
+    align = question.align or (lambda answer, expected: (canon(answer), canon(expected)))
     launches = guard.triton_launches() if question.triton else [1]
     for label, args in question.cases(None):
         expected, expected_mutated = question.expected(args)
@@ -46,7 +47,7 @@ def check(name: str, fn) -> None:
             raise AssertionError(f"{where}: {guard.message(forbidden[0])}")
         if not launches[0]:
             raise AssertionError(f"{where}: launched no Triton kernel; the exercise is to write one")
-        problem = mismatch(canon(result), canon(expected), "the result", question.atol, question.rtol)
+        problem = mismatch(*align(result, expected), "the result", question.atol, question.rtol)
         for i, want in zip(question.mutated_args, expected_mutated):
             problem = problem or mismatch(given[i], want, f"{question.arg_names[i]} after the call",
                                           question.atol, question.rtol)

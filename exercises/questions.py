@@ -47,6 +47,8 @@ class Question:
     forbidden: tuple[str, ...]  # dotted names the answer must not call (the refimpl function, its equivalents)
     mutated_args: tuple[int, ...] = ()  # arguments the function must write in place: compared too
     canonical: Callable[[object], object] | None = None  # applied to answer and expected before comparing
+    # (answer, expected) -> the two as the learner's check compares and reports them (default: canonical)
+    align: Callable[[object, object], tuple] | None = None
     atol: float = 1e-5
     rtol: float = 1e-4
     triton: bool = False  # must launch a Triton kernel (graded through its contract: exercises.contracts)
@@ -296,6 +298,17 @@ def _by_expert(result):
         return result
     order = idx.argsort(dim=-1)
     return idx.gather(1, order), weight.gather(1, order)
+
+
+def _in_answer_order(answer, expected) -> tuple:
+    """(answer, expected) for the learner's message: where each token's experts are the expected ones, the
+    expected weights in the answer's order (a wrong weight is reported where the learner put it); otherwise
+    both ordered by expert id."""
+    a, e = _by_expert(answer), _by_expert(expected)
+    if a is answer or not torch.equal(a[0], e[0]):
+        return a, e
+    slot = answer[0].argsort(dim=-1).argsort(dim=-1)  # where each of the answer's experts sits once sorted
+    return answer, (e[0].gather(1, slot), e[1].gather(1, slot))
 
 
 def _moe_args(gen, hidden):
@@ -694,9 +707,11 @@ QUESTIONS = {q.name: q for q in [
     Question("mla_absorbed", ("attn", "q_nope", "q_pe", "c_kv", "k_pe"), _mla_absorbed_args, _mla_absorbed_ref,
              MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES, memory_budget_mb=MLA_BUDGET_MB),
     Question("route_topk", ("gate", "x"), _route_args, _route_ref,
-             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert),
+             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
+             align=_in_answer_order),
     Question("route_group_limited", ("gate", "x"), _group_route_args, _route_ref,
-             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert),
+             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
+             align=_in_answer_order),
     Question("moe_forward", ("moe", "hidden_states"), _moe_args, _moe_ref,
              tuple(f"refimpl.moe.{f}" for f in ("DeepSeekMoE.forward", "dispatch", "run_experts", "combine"))),
     Question("update_bias", ("bias", "load", "gamma"), _bias_args, _bias_ref, ("refimpl.moe.update_bias",),
