@@ -10,8 +10,12 @@ passes. otter's `grader.check(...)` cells in the student notebooks call it. Grad
 
 from __future__ import annotations
 
+import inspect
 import re
+import sys
+import traceback
 from contextlib import contextmanager
+from pathlib import Path
 
 from exercises import guard
 from exercises.compare import describe, mismatch
@@ -42,7 +46,8 @@ def check(name: str, fn) -> None:
                 raise AssertionError(f"{name} is not written yet: replace `raise NotImplementedError` with "
                                      "your code") from None
             except Exception as error:
-                raise AssertionError(f"{where}: {_raised(question, error)}") from None
+                raise AssertionError(f"{where}: {_raised(question, error)}{_learner_line(error)}"
+                                     f"{_earlier_functions(question, fn)}") from None
         if forbidden:
             raise AssertionError(f"{where}: {guard.message(forbidden[0])}")
         if not launches[0]:
@@ -52,7 +57,8 @@ def check(name: str, fn) -> None:
             problem = problem or mismatch(given[i], want, f"{question.arg_names[i]} after the call",
                                           question.atol, question.rtol)
         if problem:
-            raise AssertionError(f"{where}: {problem}{mistake_hint(question, args, result)}")
+            raise AssertionError(f"{where}: {problem}{mistake_hint(question, args, result)}"
+                                 f"{_earlier_functions(question, fn)}")
 
 
 def mistake_hint(question: Question, args: tuple, result) -> str:
@@ -66,6 +72,38 @@ def mistake_hint(question: Question, args: tuple, result) -> str:
             continue
         if mismatch(canon(result), canon(wrong), "", question.atol, question.rtol) is None:
             return f"; this is the answer you get if you {what}"
+    return ""
+
+
+LIBRARY = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, Path(__file__).parent,
+                                                  Path(__file__).parent.parent / "refimpl"})
+
+
+def _learner_line(error: Exception) -> str:
+    """' (line N of your code: `...`)': the last line of the traceback outside the libraries, exercises and
+    refimpl (the learner's cell), or '' where there is none."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.filename.startswith("<frozen") or str(Path(frame.filename).resolve()).startswith(LIBRARY):
+            continue
+        code = f": `{frame.line.strip()}`" if frame.line else ""
+        return f" (line {frame.lineno} of your code in {frame.name}{code})"
+    return ""
+
+
+def _earlier_functions(question: Question, fn) -> str:
+    """Where `fn` calls a function of an earlier exercise (`Question.uses`) that fails its own check: say so."""
+    try:
+        seen = inspect.getclosurevars(fn)
+    except TypeError:  # not a Python function
+        return ""
+    for name in question.uses:
+        earlier = seen.nonlocals.get(name, seen.globals.get(name))
+        if not callable(earlier):
+            continue
+        try:
+            check(name, earlier)
+        except AssertionError:
+            return f"; it calls your {name}, which fails its own check: fix {name} first"
     return ""
 
 

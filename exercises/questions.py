@@ -62,6 +62,7 @@ class Question:
     # common mistakes: (what the learner did, the reference computed with that mistake); an answer equal to one
     # of them is told which mistake it matches (exercises.feedback)
     mistakes: tuple[tuple[str, Callable[..., object]], ...] = ()
+    uses: tuple[str, ...] = ()  # functions of earlier exercises an answer may call (a failure there is named)
 
     def cases(self, seed: int | None) -> list[tuple[str, tuple]]:
         """[(label, args)]: the visible cases when seed is None, else the hidden ones drawn from seed."""
@@ -697,7 +698,7 @@ QUESTIONS = {q.name: q for q in [
              ("refimpl.attention.KVCache.update",), mutated_args=(0, 1)),
     Question("decode_step", ("q", "k_new", "v_new", "cache_k", "cache_v", "pos"), _decode_args, _decode_ref,
              ("refimpl.attention.KVCache.update",) + SDPA_EQUIVALENTS, mutated_args=(3, 4),
-             routes=ATTENTION_ROUTES),
+             routes=ATTENTION_ROUTES, uses=("kv_cache_update", "causal_sdpa")),
     Question("rope_interleaved", ("x", "cos", "sin"), _rope_args, _rope_ref, ("refimpl.rope.apply_rope",),
              routes=ROPE_ROUTES),
     Question("mla_latents", ("attn", "hidden_states", "start_pos"), _mla_latents_args, _mla_latents_ref,

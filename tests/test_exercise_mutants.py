@@ -80,3 +80,35 @@ def test_right_kernels_pass_the_visible_and_the_hidden_cases(name, fn):
 def test_naive_mla_is_told_it_ran_out_of_memory():
     with pytest.raises(AssertionError, match=r"mla_absorbed fails the visible \d case.*ran out of memory"):
         feedback.check("mla_absorbed", answers.mla_absorbed_naive)
+
+
+def test_check_names_the_learners_line_and_a_failing_earlier_function():
+    def causal_sdpa(q, k, v):
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v  # no scale (and no mask)
+
+    def decode_step(q, k_new, v_new, cache_k, cache_v, pos):
+        cache_k[:, :, pos:pos + 1], cache_v[:, :, pos:pos + 1] = k_new, v_new
+        return causal_sdpa(q, cache_k[:, :, :pos + 1], cache_v[:, :, :pos + 1])
+
+    with pytest.raises(AssertionError, match="it calls your causal_sdpa, which fails its own check"):
+        feedback.check("decode_step", decode_step)
+
+    def rope_interleaved(x, cos, sin):
+        pairs = x.view(*x.shape[:-1], 2, -1)
+        return pairs[..., 0, :] * cos  # drops half the coordinates, multiplies by cos only
+
+    with pytest.raises(AssertionError, match=r"raised RuntimeError.*\(line \d+ of your code in rope_interleaved: "
+                                             r"`return pairs\[\.\.\., 0, :\] \* cos"):
+        feedback.check("rope_interleaved", lambda x, cos, sin: rope_interleaved(x, cos[:1].expand(3, -1), sin))
+
+
+def test_routing_message_reports_experts_in_the_learners_order():
+    def route_topk(gate, x):
+        scores = (x @ gate.weight.T).softmax(dim=-1)
+        weight, idx = scores.topk(gate.top_k, dim=-1)
+        weight = weight / weight.sum(-1, keepdim=True) if gate.norm_topk_prob else weight
+        weight[:, 0] += 0.5  # wrong in the learner's first slot
+        return idx, weight * gate.routed_scaling_factor
+
+    with pytest.raises(AssertionError, match=r"element 1 of the result is wrong at index \(0, 0\)"):
+        feedback.check("route_topk", route_topk)
