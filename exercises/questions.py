@@ -445,6 +445,57 @@ def _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale):
     return attention.scaled_dot_product_attention(q, k, v, scale=scale)[:, :, 0]  # [b, h, r]
 
 
+# ---------------------------------------------------------------------------------------------------- 07: GQA, split-KV
+# Exercise 07 (lessons 04 and 16): grouped-query attention over a cache, and merging split-KV partial results.
+def _gqa_args(gen, hidden):
+    kind = _kind(gen, ("gqa", "mqa", "gqa wide") if hidden else ("gqa", "gqa wide"))
+    kv_heads = {"gqa": 2, "mqa": 1, "gqa wide": 3}[kind]
+    group = _pick(gen, 2, 3) if hidden else 2  # query heads per key/value head
+    b, s, d = (_pick(gen, 1, 2), _pick(gen, 1, 3, 5), _pick(gen, 4, 8)) if hidden else (2, 3, 8)
+    t = s + (_pick(gen, 0, 2, 6) if hidden else 4)  # queries after a cached prefix
+    return (_randn(gen, b, kv_heads * group, s, d), _randn(gen, b, kv_heads, t, d),
+            _randn(gen, b, kv_heads, t, d))
+
+
+def _gqa_ref(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    return attention.scaled_dot_product_attention(q, attention.repeat_kv(k, group), attention.repeat_kv(v, group),
+                                                  is_causal=True)
+
+
+def _split_args(gen, hidden):
+    """Partial results of one query per head over the splits of a cache: outs [splits, b, h, d] (each split's
+    softmax-weighted values) and lses [splits, b, h] (log-sum-exp of its scaled scores; -inf for an empty split).
+    Kinds: large scores (exp(lse) overflows float32), an empty split, ordinary."""
+    kind = _kind(gen, ("large", "empty", "plain") if hidden else ("plain", "large"))
+    b, h, d = (_pick(gen, 1, 2), _pick(gen, 1, 3), _pick(gen, 4, 8)) if hidden else (2, 2, 8)
+    sizes = [int(n) for n in torch.randint(1, 6, (_pick(gen, 2, 3, 4) if hidden else 3,), generator=gen)]
+    if kind == "empty":
+        sizes[int(torch.randint(len(sizes), (1,), generator=gen))] = 0
+    q = _randn(gen, b, h, d, scale=100.0 if kind == "large" else 1.0).double()
+    k, v = _randn(gen, b, h, sum(sizes), d).double(), _randn(gen, b, h, sum(sizes), d).double()
+    scores = torch.einsum("bhd,bhtd->bht", q, k) * d ** -0.5
+    outs, lses = [], []
+    for score, value in zip(scores.split(sizes, dim=-1), v.split(sizes, dim=-2)):
+        lses.append(score.logsumexp(dim=-1))  # -inf when empty
+        outs.append(torch.einsum("bht,bhtd->bhd", score.softmax(dim=-1), value) if score.shape[-1]
+                    else torch.zeros(b, h, d, dtype=torch.float64))
+    return torch.stack(outs).float(), torch.stack(lses).float()
+
+
+def _split_ref(outs, lses):
+    """The attention output over the whole cache, from the splits (FlashDecoding): weights exp(lse_i - max)."""
+    outs, lses = outs.double(), lses.double()
+    weights = (lses - lses.max(dim=0).values).exp()  # [splits, b, h]; 0 for an empty split
+    return ((weights[..., None] * outs).sum(0) / weights.sum(0)[..., None]).float()
+
+
+SPLITKV_QUESTIONS = [
+    Question("gqa_attention", ("q", "k", "v"), _gqa_args, _gqa_ref, SDPA_EQUIVALENTS, routes=ATTENTION_ROUTES),
+    Question("merge_splits", ("outs", "lses"), _split_args, _split_ref, (), atol=1e-5, rtol=1e-4),
+]
+
+
 # ---------------------------------------------------------------------------------------------------- mistakes
 # The references computed with a common mistake (Question.mistakes): an answer equal to one is told which mistake
 # it made. Each takes the question's arguments; tests/test_exercise_mutants.py checks that each fails the visible
@@ -583,6 +634,26 @@ def _decode_block_no_scale(q_latent, q_pe, c_kv, k_pe, scale):
     return _decode_block_ref(q_latent, q_pe, c_kv, k_pe, 1.0)
 
 
+def _gqa_tiled(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    return attention.scaled_dot_product_attention(q, k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1),
+                                                  is_causal=True)
+
+
+def _gqa_top_left(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    return _top_left(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+
+
+def _merge_mean(outs, lses):
+    return outs.mean(dim=0)
+
+
+def _merge_no_max(outs, lses):
+    weights = lses.exp()  # overflows to inf for large scores: inf / inf
+    return (weights[..., None] * outs).sum(0) / weights.sum(0)[..., None]
+
+
 TOP_LEFT = "used a top-left causal mask: the queries are the last positions (bottom-right, after the prefix)"
 NO_SCALE = "left out the softmax scale 1/sqrt(d) on the scores"
 MISTAKES = {
@@ -612,6 +683,10 @@ MISTAKES = {
                      ("loaded the masked lanes as 0.0: load them as -inf", _softmax_zero_lanes)),
     "mla_decode_block": (("did not mask the positions past kv_len in the last block", _decode_block_no_tail_mask),
                          ("left out the scale on the scores", _decode_block_no_scale)),
+    "gqa_attention": (("repeated the key/value heads tiled (.repeat): query head i uses key/value head "
+                       "i // group (repeat_interleave)", _gqa_tiled), (TOP_LEFT, _gqa_top_left)),
+    "merge_splits": (("averaged the splits: weigh each by exp(lse_i - lse)", _merge_mean),
+                     ("took exp(lse) without subtracting the max lse: it overflows", _merge_no_max)),
 }
 
 
@@ -726,7 +801,7 @@ QUESTIONS = {q.name: q for q in [
     Question("mla_decode_block", ("q_latent", "q_pe", "c_kv", "k_pe", "scale"), _decode_block_args,
              _decode_block_ref, SOFTMAX_EQUIVALENTS + SDPA_EQUIVALENTS, triton=True, atol=1e-5, rtol=1e-4,
              call_timeout=60.0, routes=SOFTMAX_ROUTES + ATTENTION_ROUTES),
-] + PARALLELISM_QUESTIONS}
+] + PARALLELISM_QUESTIONS + SPLITKV_QUESTIONS}
 QUESTIONS.update({name: dataclasses.replace(QUESTIONS[name], mistakes=m) for name, m in MISTAKES.items()})
 
 
@@ -751,6 +826,7 @@ EXERCISES = {
     "04_moe": Exercise(("route_topk", "route_group_limited", "moe_forward", "update_bias"), ("refimpl.moe",)),
     "05_accounting": Exercise(("kv_bytes_per_token", "activated_params"), ("refimpl.config",)),
     "06_kernels": Exercise(("softmax_rows", "mla_decode_block")),
+    "07_gqa_splitkv": Exercise(("gqa_attention", "merge_splits")),
     "08_fp8": Exercise(("quantize_1x128", "block_scaled_matmul")),
     "09_parallelism": Exercise(("simulate_bubble", "index_scores", "select_topk")),
 }

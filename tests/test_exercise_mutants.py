@@ -112,3 +112,19 @@ def test_routing_message_reports_experts_in_the_learners_order():
 
     with pytest.raises(AssertionError, match=r"element 1 of the result is wrong at index \(0, 0\)"):
         feedback.check("route_topk", route_topk)
+
+
+def test_merge_splits_reference_is_attention_over_the_whole_cache():
+    import torch
+
+    from exercises.questions import _split_ref
+    from refimpl.attention import scaled_dot_product_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=torch.float64) for n in (1, 11, 11))
+    scores = (q @ k.transpose(-2, -1))[:, :, 0] * 8 ** -0.5  # [b, h, 11]
+    parts = [(s, val) for s, val in zip(scores.split([4, 0, 7], -1), v.split([4, 0, 7], -2))]
+    lses = torch.stack([s.logsumexp(-1) for s, _ in parts])
+    outs = torch.stack([(s.softmax(-1)[..., None] * val).sum(-2) for s, val in parts])  # empty part: zeros
+    whole = scaled_dot_product_attention(q, k, v)[:, :, 0]
+    assert torch.allclose(_split_ref(outs.float(), lses.float()).double(), whole, atol=1e-6)
