@@ -496,6 +496,98 @@ SPLITKV_QUESTIONS = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------------- 10: balance, dispatch
+# Exercise 10 (lessons 10, 17, 18): V2's and V3's balance losses, aligning tokens to experts for a grouped GEMM,
+# and the bytes an expert-parallel dispatch sends.
+def _routing(gen, tokens, experts, k, sigmoid):
+    logits = _randn(gen, tokens, experts, scale=2.0)
+    scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+    return scores, scores.topk(k, dim=-1).indices  # [tokens, E], [tokens, k] int64
+
+
+def _expert_loss_args(gen, hidden):
+    kind = _kind(gen, ("top-k", "top-1", "few tokens") if hidden else ("top-k", "few tokens"))
+    experts = _pick(gen, 4, 6, 8) if hidden else 6
+    tokens = {"top-k": _pick(gen, 7, 12), "top-1": _pick(gen, 5, 9), "few tokens": _pick(gen, 2, 3)}[kind] \
+        if hidden else {"top-k": 10, "few tokens": 3}[kind]
+    k = 1 if kind == "top-1" else _pick(gen, 2, 3) if hidden else 2
+    scores, topk_idx = _routing(gen, tokens, experts, k, sigmoid=False)
+    return scores, topk_idx, experts, _pick(gen, 0.1, 0.03) if hidden else 0.1
+
+
+def _expert_loss_ref(scores, topk_idx, n_routed_experts, alpha):
+    return float(moe.expert_balance_loss(scores.double(), topk_idx, n_routed_experts, alpha))
+
+
+def _sequence_loss_args(gen, hidden):
+    kind = _kind(gen, ("batch", "one sequence", "batch top-1") if hidden else ("batch", "batch top-1"))
+    batch = 1 if kind == "one sequence" else _pick(gen, 2, 3) if hidden else 2
+    seq, experts = (_pick(gen, 3, 5), _pick(gen, 4, 8)) if hidden else (4, 6)
+    k = 1 if kind == "batch top-1" else 2
+    scores, topk_idx = _routing(gen, batch * seq, experts, k, sigmoid=True)  # V3's sigmoid affinities
+    return scores, topk_idx, experts, _pick(gen, 0.1, 0.03) if hidden else 0.1, batch, seq
+
+
+def _sequence_loss_ref(scores, topk_idx, n_routed_experts, alpha, batch_size, seq_len):
+    return float(moe.sequence_balance_loss(scores.double(), topk_idx, n_routed_experts, alpha, batch_size, seq_len))
+
+
+def _align_args(gen, hidden):
+    kind = _kind(gen, ("idle expert", "full blocks", "plain") if hidden else ("idle expert", "plain"))
+    experts, k = (_pick(gen, 4, 6), _pick(gen, 1, 2)) if hidden else (5, 2)
+    block_m = _pick(gen, 2, 4) if hidden else 4
+    tokens = _pick(gen, 5, 9) if hidden else 6
+    topk_idx = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    if kind == "idle expert":  # one expert no pair goes to: it gets no block
+        idle = int(torch.randint(experts, (1,), generator=gen))
+        topk_idx = torch.stack([torch.randperm(experts - 1, generator=gen)[:k] for _ in range(tokens)])
+        topk_idx = topk_idx + (topk_idx >= idle).long()  # ids skip `idle`
+    elif kind == "full blocks":  # every expert's run exactly a multiple of block_m: no padding
+        k, tokens = 1, experts * block_m
+        topk_idx = torch.arange(experts).repeat_interleave(block_m)[torch.randperm(tokens, generator=gen)][:, None]
+    return topk_idx, experts, block_m
+
+
+def _align_ref(topk_idx, n_experts, block_m):
+    from dskernels.moe import align_to_experts
+
+    return align_to_experts(topk_idx, n_experts, block_m)
+
+
+def _dispatch_args(gen, hidden):
+    kind = _kind(gen, ("same rank twice", "uneven", "plain") if hidden else ("same rank twice", "uneven"))
+    world = _pick(gen, 2, 4) if hidden else 4
+    experts_per_rank = _pick(gen, 2, 3) if hidden else 2
+    tokens_per_rank = [int(n) for n in torch.randint(1, 5, (world,), generator=gen)] if kind == "uneven" \
+        else [3] * world
+    k = 2 if kind != "plain" else _pick(gen, 1, 3)
+    experts = world * experts_per_rank
+    topk_idx = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(sum(tokens_per_rank))])
+    if kind == "same rank twice":  # a token's two experts on one rank: its row is sent there once
+        rank = topk_idx[:, 0] // experts_per_rank
+        topk_idx[:, 1] = rank * experts_per_rank + (topk_idx[:, 0] + 1) % experts_per_rank
+    return topk_idx, tokens_per_rank, experts_per_rank, _pick(gen, 7168 * 2, 4096) if hidden else 7168
+
+
+def _dispatch_ref(topk_idx, tokens_per_rank, experts_per_rank, row_bytes):
+    from refimpl.expert_parallel import traffic_formula
+
+    return traffic_formula(topk_idx, tokens_per_rank, experts_per_rank, row_bytes)[0]
+
+
+BALANCE_QUESTIONS = [
+    Question("expert_balance_loss", ("scores", "topk_idx", "n_routed_experts", "alpha"), _expert_loss_args,
+             _expert_loss_ref, ("refimpl.moe.expert_balance_loss", "refimpl.moe.sequence_balance_loss"),
+             atol=1e-7, rtol=1e-5),
+    Question("sequence_balance_loss", ("scores", "topk_idx", "n_routed_experts", "alpha", "batch_size", "seq_len"),
+             _sequence_loss_args, _sequence_loss_ref,
+             ("refimpl.moe.expert_balance_loss", "refimpl.moe.sequence_balance_loss"), atol=1e-7, rtol=1e-5),
+    Question("align_to_experts", ("topk_idx", "n_experts", "block_m"), _align_args, _align_ref, ()),
+    Question("dispatch_bytes", ("topk_idx", "tokens_per_rank", "experts_per_rank", "row_bytes"), _dispatch_args,
+             _dispatch_ref, ("refimpl.expert_parallel.traffic_formula",)),
+]
+
+
 # ---------------------------------------------------------------------------------------------------- mistakes
 # The references computed with a common mistake (Question.mistakes): an answer equal to one is told which mistake
 # it made. Each takes the question's arguments; tests/test_exercise_mutants.py checks that each fails the visible
@@ -645,6 +737,42 @@ def _gqa_top_left(q, k, v):
     return _top_left(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
 
 
+def _expert_loss_unnormalized_f(scores, topk_idx, n_routed_experts, alpha):
+    f = torch.bincount(topk_idx.flatten(), minlength=n_routed_experts).double() / topk_idx.shape[0]
+    return float(alpha * (f * scores.double().mean(0)).sum())  # f_i without N' / K'
+
+
+def _sequence_loss_unnormalized(scores, topk_idx, n_routed_experts, alpha, batch_size, seq_len):
+    per_sequence = zip(scores.double().view(batch_size, seq_len, -1), topk_idx.view(batch_size, seq_len, -1))
+    return float(sum(moe.expert_balance_loss(s, i, n_routed_experts, alpha) for s, i in per_sequence)) / batch_size
+
+
+def _sequence_loss_whole_batch(scores, topk_idx, n_routed_experts, alpha, batch_size, seq_len):
+    normalized = scores.double() / scores.double().sum(-1, keepdim=True)
+    return float(moe.expert_balance_loss(normalized, topk_idx, n_routed_experts, alpha))
+
+
+def _align_pad_zero(topk_idx, n_experts, block_m):
+    sorted_pairs, block_expert = _align_ref(topk_idx, n_experts, block_m)
+    return torch.where(sorted_pairs == topk_idx.numel(), 0, sorted_pairs).int(), block_expert
+
+
+def _dispatch_per_expert(topk_idx, tokens_per_rank, experts_per_rank, row_bytes):
+    world = len(tokens_per_rank)
+    source = torch.repeat_interleave(torch.arange(world), torch.tensor(tokens_per_rank))[:, None]
+    away = (topk_idx // experts_per_rank != source).sum(-1)  # one row per expert, not per rank
+    return torch.zeros(world, dtype=torch.long).index_add_(0, source[:, 0], away).mul(row_bytes).tolist()
+
+
+def _dispatch_counting_self(topk_idx, tokens_per_rank, experts_per_rank, row_bytes):
+    from refimpl.expert_parallel import ranks_reached
+
+    world = len(tokens_per_rank)
+    reached = ranks_reached(topk_idx, experts_per_rank, world).long().sum(-1)  # its own rank included
+    source = torch.repeat_interleave(torch.arange(world), torch.tensor(tokens_per_rank))
+    return torch.zeros(world, dtype=torch.long).index_add_(0, source, reached).mul(row_bytes).tolist()
+
+
 def _merge_mean(outs, lses):
     return outs.mean(dim=0)
 
@@ -685,6 +813,14 @@ MISTAKES = {
                          ("left out the scale on the scores", _decode_block_no_scale)),
     "gqa_attention": (("repeated the key/value heads tiled (.repeat): query head i uses key/value head "
                        "i // group (repeat_interleave)", _gqa_tiled), (TOP_LEFT, _gqa_top_left)),
+    "expert_balance_loss": (("left out N'/(K'T) in f_i (f_i is 1 for every expert under an even load)",
+                             _expert_loss_unnormalized_f),),
+    "sequence_balance_loss": (("did not normalize the sigmoid scores (s'_{i,t} = s_{i,t} / sum_j s_{j,t})",
+                               _sequence_loss_unnormalized),
+                              ("computed one loss over the whole batch, not per sequence", _sequence_loss_whole_batch)),
+    "align_to_experts": (("padded with 0 (a real pair) instead of the sentinel T*k", _align_pad_zero),),
+    "dispatch_bytes": (("sent a row per chosen expert: a token's row goes to each rank once", _dispatch_per_expert),
+                       ("counted the rows a rank keeps for its own experts", _dispatch_counting_self)),
     "merge_splits": (("averaged the splits: weigh each by exp(lse_i - lse)", _merge_mean),
                      ("took exp(lse) without subtracting the max lse: it overflows", _merge_no_max)),
 }
@@ -801,7 +937,7 @@ QUESTIONS = {q.name: q for q in [
     Question("mla_decode_block", ("q_latent", "q_pe", "c_kv", "k_pe", "scale"), _decode_block_args,
              _decode_block_ref, SOFTMAX_EQUIVALENTS + SDPA_EQUIVALENTS, triton=True, atol=1e-5, rtol=1e-4,
              call_timeout=60.0, routes=SOFTMAX_ROUTES + ATTENTION_ROUTES),
-] + PARALLELISM_QUESTIONS + SPLITKV_QUESTIONS}
+] + PARALLELISM_QUESTIONS + SPLITKV_QUESTIONS + BALANCE_QUESTIONS}
 QUESTIONS.update({name: dataclasses.replace(QUESTIONS[name], mistakes=m) for name, m in MISTAKES.items()})
 
 
@@ -827,6 +963,8 @@ EXERCISES = {
     "05_accounting": Exercise(("kv_bytes_per_token", "activated_params"), ("refimpl.config",)),
     "06_kernels": Exercise(("softmax_rows", "mla_decode_block")),
     "07_gqa_splitkv": Exercise(("gqa_attention", "merge_splits")),
+    "10_balance_dispatch": Exercise(("expert_balance_loss", "sequence_balance_loss", "align_to_experts",
+                                     "dispatch_bytes")),
     "08_fp8": Exercise(("quantize_1x128", "block_scaled_matmul")),
     "09_parallelism": Exercise(("simulate_bubble", "index_scores", "select_topk")),
 }
