@@ -22,7 +22,7 @@ import torch
 
 from refimpl import accounting, attention, moe, rope
 from refimpl.attention import decoder_mask
-from refimpl.config import ModelConfig, load_known
+from refimpl.config import ModelConfig, RopeScaling, load_known
 from refimpl.mla import MultiHeadLatentAttention
 
 # Library routes to a question's job, as regular expressions over every identifier, attribute, imported name and
@@ -175,6 +175,42 @@ def _rope_args(gen, hidden):
 
 def _rope_ref(x, cos, sin):
     return rope.apply_rope(x, cos, sin, interleaved=True)
+
+
+def _yarn(gen, hidden, kind) -> RopeScaling:
+    """DeepSeek-V3's rope_scaling (factor 40 over 4096 positions), V2's (mscale 0.707), a short original context
+    (the ramp clamped at pair 0), or no temperature on the softmax (mscale_all_dim 0)."""
+    factor = _pick(gen, 4.0, 16.0, 40.0) if hidden else 40.0
+    if kind == "v2":
+        return RopeScaling("yarn", factor, 4096 if not hidden else _pick(gen, 2048, 4096), 32.0, 1.0, 0.707, 0.707)
+    if kind == "short":
+        return RopeScaling("yarn", factor, _pick(gen, 8, 16) if hidden else 16, 32.0, 1.0, 1.0, 1.0)
+    if kind == "no temperature":
+        return RopeScaling("yarn", factor, _pick(gen, 1024, 4096), _pick(gen, 32.0, 16.0), 1.0, 1.0, 0.0)
+    return RopeScaling("yarn", factor, _pick(gen, 4096, 8192) if hidden else 4096, 32.0, 1.0, 1.0, 1.0)
+
+
+def _yarn_freq_args(gen, hidden):
+    kind = _kind(gen, ("v3", "short", "v2") if hidden else ("v3", "short"))
+    dim = _pick(gen, 16, 32, 128) if hidden else 64
+    return dim, _pick(gen, 10000.0, 50000.0) if hidden else 10000.0, _yarn(gen, hidden, kind)
+
+
+def _yarn_freq_ref(dim, base, scaling):
+    return rope.rope_inv_freq(dim, base, scaling)
+
+
+def _yarn_scale_args(gen, hidden):
+    kind = _kind(gen, ("v3", "no temperature", "v2") if hidden else ("v3", "v2"))
+    return _pick(gen, 96, 128, 64) if hidden else 192, _yarn(gen, hidden, kind)
+
+
+def _yarn_scale_ref(qk_head_dim, scaling):
+    return rope.softmax_scale(qk_head_dim, scaling)
+
+
+YARN_FORBIDDEN = tuple(f"refimpl.rope.{f}" for f in (
+    "rope_inv_freq", "softmax_scale", "yarn_get_mscale", "_yarn_correction_dim", "rope_attention_factor"))
 
 
 # ---------------------------------------------------------------------------------------------------- MLA
@@ -773,6 +809,24 @@ def _dispatch_counting_self(topk_idx, tokens_per_rank, experts_per_rank, row_byt
     return torch.zeros(world, dtype=torch.long).index_add_(0, source, reached).mul(row_bytes).tolist()
 
 
+def _yarn_ramp_reversed(dim, base, scaling):
+    plain = rope.rope_inv_freq(dim, base)
+    yarn = rope.rope_inv_freq(dim, base, scaling)
+    return plain / scaling.factor + plain - yarn  # the fast pairs interpolated, the slow ones kept
+
+
+def _yarn_all_interpolated(dim, base, scaling):
+    return rope.rope_inv_freq(dim, base) / scaling.factor
+
+
+def _yarn_scale_not_squared(qk_head_dim, scaling):
+    return qk_head_dim ** -0.5 * rope.yarn_get_mscale(scaling.factor, scaling.mscale_all_dim)
+
+
+def _yarn_scale_plain(qk_head_dim, scaling):
+    return qk_head_dim ** -0.5
+
+
 def _merge_mean(outs, lses):
     return outs.mean(dim=0)
 
@@ -789,6 +843,11 @@ MISTAKES = {
     "decode_step": (("attended to the whole cache: positions after pos are stale or empty", _decode_whole_cache),),
     "rope_interleaved": (("rotated the two halves (Llama's layout), not DeepSeek's interleaved pairs",
                           _rope_half_split),),
+    "yarn_inv_freq": (("ramped the wrong way: the fast pairs (short wavelengths) keep their frequency",
+                       _yarn_ramp_reversed),
+                      ("divided every frequency by factor (no ramp)", _yarn_all_interpolated)),
+    "yarn_softmax_scale": (("did not square mscale: 1/sqrt(d) * mscale^2", _yarn_scale_not_squared),
+                           ("left out YaRN's temperature mscale(factor, mscale_all_dim)^2", _yarn_scale_plain)),
     "mla_latents": (("ignored start_pos: the positions start after the cached prefix", _latents_from_zero),
                     ("rotated the two halves of k_pe, not interleaved pairs", _latents_half_split)),
     "mla_absorbed": (("left out attn.softmax_scale on the scores", _absorbed_no_scale),
@@ -912,6 +971,10 @@ QUESTIONS = {q.name: q for q in [
              routes=ATTENTION_ROUTES, uses=("kv_cache_update", "causal_sdpa")),
     Question("rope_interleaved", ("x", "cos", "sin"), _rope_args, _rope_ref, ("refimpl.rope.apply_rope",),
              routes=ROPE_ROUTES),
+    Question("yarn_inv_freq", ("dim", "base", "scaling"), _yarn_freq_args, _yarn_freq_ref, YARN_FORBIDDEN,
+             atol=1e-12, rtol=1e-9),
+    Question("yarn_softmax_scale", ("qk_head_dim", "scaling"), _yarn_scale_args, _yarn_scale_ref, YARN_FORBIDDEN,
+             atol=1e-12, rtol=1e-9),
     Question("mla_latents", ("attn", "hidden_states", "start_pos"), _mla_latents_args, _mla_latents_ref,
              MLA_FORBIDDEN, routes=ROPE_ROUTES),
     Question("mla_decompress", ("attn", "c_kv"), _mla_decompress_args, _mla_decompress_ref, MLA_FORBIDDEN,
@@ -957,7 +1020,7 @@ class Exercise:
 
 EXERCISES = {
     "01_attention": Exercise(("causal_sdpa", "kv_cache_update", "decode_step")),
-    "02_rope": Exercise(("rope_interleaved",), ("refimpl.rope",)),
+    "02_rope": Exercise(("rope_interleaved", "yarn_inv_freq", "yarn_softmax_scale"), ("refimpl.rope",)),
     "03_mla": Exercise(("mla_latents", "mla_decompress", "mla_absorbed"), ("refimpl.config", "refimpl.mla")),
     "04_moe": Exercise(("route_topk", "route_group_limited", "moe_forward", "update_bias"), ("refimpl.moe",)),
     "05_accounting": Exercise(("kv_bytes_per_token", "activated_params"), ("refimpl.config",)),
