@@ -266,7 +266,7 @@ MLA_BUDGET_MB = 512
 
 
 def _mla_absorbed_args(gen, hidden):
-    if _kind(gen, ("small", "long", "small") if hidden else ("small", "long")) == "long":
+    if _kind(gen, ("long", "small", "long") if hidden else ("small", "long")) == "long":
         attn = _randomize(MultiHeadLatentAttention(MLA_LONG), gen).eval()
         b, s, t = 1, 1, (16384 if hidden else 4096)  # one decode step over a long cache
     else:
