@@ -1020,7 +1020,8 @@ class Exercise:
 
 EXERCISES = {
     "01_attention": Exercise(("causal_sdpa", "kv_cache_update", "decode_step")),
-    "02_rope": Exercise(("rope_interleaved", "yarn_inv_freq", "yarn_softmax_scale"), ("refimpl.rope",)),
+    "02_rope": Exercise(("rope_interleaved",), ("refimpl.rope",)),
+    "02_yarn": Exercise(("yarn_inv_freq", "yarn_softmax_scale"), ("refimpl.config",)),
     "03_mla": Exercise(("mla_latents", "mla_decompress", "mla_absorbed"), ("refimpl.config", "refimpl.mla")),
     "04_moe": Exercise(("route_topk", "route_group_limited", "moe_forward", "update_bias"), ("refimpl.moe",)),
     "05_accounting": Exercise(("kv_bytes_per_token", "activated_params"), ("refimpl.config",)),
