@@ -1,9 +1,11 @@
 """The learner's check, in the notebook: run one exercise's visible cases now and say what is wrong.
 
 `check("causal_sdpa", causal_sdpa)` calls the function on each visible case, compares with refimpl's answer and
-raises AssertionError with one plain sentence (the case, its inputs' shapes, what is wrong: shape, dtype, the
-first wrong value) on the first failure; it returns None when every case passes. otter's `grader.check(...)`
-cells in the student notebooks call it. Grading runs the same cases and more (hidden ones), elsewhere.
+raises AssertionError on the first failure with one plain sentence: the verdict and the case (the function and
+its inputs' shapes), then what is wrong (shape, dtype, the first wrong value), then, where the answer equals the
+reference computed with a common mistake (`Question.mistakes`), which mistake. It returns None when every case
+passes. otter's `grader.check(...)` cells in the student notebooks call it. Grading runs the same cases and more
+(hidden ones), elsewhere.
 
 A Triton exercise gets its inputs on the GPU when there is one and the interpreter is off (a compiled kernel
 refuses CPU tensors); its answer is brought back to the CPU, where the expected one is computed.
@@ -13,13 +15,18 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from exercises import guard
 from exercises.compare import describe, mismatch
 from exercises.contracts import CONTRACTS
-from exercises.questions import QUESTIONS, clone
+from exercises.questions import QUESTIONS, Question, clone
 
 
 def check(name: str, fn) -> None:
@@ -29,36 +36,134 @@ def check(name: str, fn) -> None:
     if question.triton:
         _check_contract(name, fn)
     canon = question.canonical or (lambda x: x)
+    align = question.align or (lambda answer, expected: (canon(answer), canon(expected)))
     launches = guard.triton_launches() if question.triton else [1]
     device = kernel_device() if question.triton else "cpu"
     for label, args in question.cases(None):
         expected, expected_mutated = question.expected(args)
         given = to_device(clone(args), device)
         inputs = ", ".join(f"{n}={describe(a)}" for n, a in zip(question.arg_names, args))
-        where = f"{name}({inputs}), {label} case"
+        where = f"{name} fails the {label} case, {name}({inputs})"
         if question.triton:
             launches[0] = 0
         with guard.watching(question.forbidden) as forbidden:
             try:
-                result = fn(*given)
+                with memory_budget(question.memory_budget_mb):
+                    result = fn(*given)
             except guard.ForbiddenCall:
                 result = None
             except NotImplementedError:
                 raise AssertionError(f"{name} is not written yet: replace `raise NotImplementedError` with "
                                      "your code") from None
             except Exception as error:
-                raise AssertionError(f"{where}: raised {type(error).__name__}: {error}") from None
+                raise AssertionError(f"{where}: {_raised(question, error)}{_learner_line(error)}"
+                                     f"{_earlier_functions(question, fn)}") from None
         if forbidden:
             raise AssertionError(f"{where}: {guard.message(forbidden[0])}")
         if not launches[0]:
             raise AssertionError(f"{where}: launched no Triton kernel; the exercise is to write one")
         result, given = to_device(result, "cpu"), to_device(given, "cpu")
-        problem = mismatch(canon(result), canon(expected), "the result", question.atol, question.rtol)
+        problem = mismatch(*align(result, expected), "the result", question.atol, question.rtol)
         for i, want in zip(question.mutated_args, expected_mutated):
             problem = problem or mismatch(given[i], want, f"{question.arg_names[i]} after the call",
                                           question.atol, question.rtol)
         if problem:
-            raise AssertionError(f"{where}: {problem}")
+            raise AssertionError(f"{where}: {problem}{mistake_hint(question, args, result)}"
+                                 f"{_earlier_functions(question, fn)}")
+
+
+def mistake_hint(question: Question, args: tuple, result) -> str:
+    """'; this is the answer you get if you ...' when `result` equals the reference computed with one of the
+    question's common mistakes, else ''."""
+    canon = question.canonical or (lambda x: x)
+    for what, wrong_reference in question.mistakes:
+        try:
+            wrong = wrong_reference(*clone(args))
+        except Exception:  # a mistake that does not apply to this case's sizes
+            continue
+        if mismatch(canon(result), canon(wrong), "", question.atol, question.rtol) is None:
+            return f"; this is the answer you get if you {what}"
+    return ""
+
+
+LIBRARY = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, Path(__file__).parent,
+                                                  Path(__file__).parent.parent / "refimpl"})
+
+
+def _learner_line(error: Exception) -> str:
+    """' (line N of your code: `...`)': the last line of the traceback outside the libraries, exercises and
+    refimpl (the learner's cell), or '' where there is none."""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.filename.startswith("<frozen") or str(Path(frame.filename).resolve()).startswith(LIBRARY):
+            continue
+        code = f": `{frame.line.strip()}`" if frame.line else ""
+        return f" (line {frame.lineno} of your code in {frame.name}{code})"
+    return ""
+
+
+def _earlier_functions(question: Question, fn) -> str:
+    """Where `fn` calls a function of an earlier exercise (`Question.uses`) that fails its own check: say so."""
+    try:
+        seen = inspect.getclosurevars(fn)
+    except TypeError:  # not a Python function
+        return ""
+    for name in question.uses:
+        earlier = seen.nonlocals.get(name, seen.globals.get(name))
+        if not callable(earlier):
+            continue
+        try:
+            check(name, earlier)
+        except AssertionError:
+            return f"; it calls your {name}, which fails its own check: fix {name} first"
+    return ""
+
+
+def _raised(question: Question, error: Exception) -> str:
+    if question.memory_budget_mb is not None and _out_of_memory(error):
+        return (f"ran out of memory: one call may use {question.memory_budget_mb} MiB more, and the way this "
+                "exercise teaches fits in that while the naive way does not (see the statement)")
+    return f"raised {type(error).__name__}: {error}"
+
+
+def _out_of_memory(error: Exception) -> bool:
+    return isinstance(error, MemoryError) or bool(re.search(r"alloc|out of memory", str(error), re.I))
+
+
+def _address_space() -> int | None:
+    """This process's address space in bytes (Linux: VmSize), or None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(r"^VmSize:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) << 10 if match else None
+
+
+@contextmanager
+def memory_budget(mb: int | None):
+    """Run the block with at most `mb` MiB more address space (RLIMIT_AS, as the grading sandbox limits it);
+    an allocation beyond it raises (torch: RuntimeError, Python: MemoryError). No limit where `mb` is None,
+    where the platform has no RLIMIT_AS or /proc, or where a tighter limit is already set."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        resource = None
+    used = _address_space()
+    if mb is None or resource is None or used is None or not hasattr(resource, "RLIMIT_AS"):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = used + (mb << 20)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY and soft <= limit:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _check_contract(name: str, fn) -> None:

@@ -13,6 +13,7 @@ give away the exact cases. The expected answers are computed here, with `refimpl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -21,7 +22,7 @@ import torch
 
 from refimpl import accounting, attention, moe, rope
 from refimpl.attention import decoder_mask
-from refimpl.config import ModelConfig, load_known
+from refimpl.config import ModelConfig, RopeScaling, load_known
 from refimpl.mla import MultiHeadLatentAttention
 
 # Library routes to a question's job, as regular expressions over every identifier, attribute, imported name and
@@ -46,6 +47,8 @@ class Question:
     forbidden: tuple[str, ...]  # dotted names the answer must not call (the refimpl function, its equivalents)
     mutated_args: tuple[int, ...] = ()  # arguments the function must write in place: compared too
     canonical: Callable[[object], object] | None = None  # applied to answer and expected before comparing
+    # (answer, expected) -> the two as the learner's check compares and reports them (default: canonical)
+    align: Callable[[object, object], tuple] | None = None
     atol: float = 1e-5
     rtol: float = 1e-4
     triton: bool = False  # must launch a Triton kernel (graded through its contract: exercises.contracts)
@@ -53,6 +56,13 @@ class Question:
     n_visible: int = 2
     n_hidden: int = 3
     call_timeout: float = 10.0  # seconds per call when graded
+    # address space (MiB) one call may add, where the exercise teaches a way that needs less memory than the
+    # naive one (MLA absorption): the check runs each call under this limit (exercises.feedback)
+    memory_budget_mb: int | None = None
+    # common mistakes: (what the learner did, the reference computed with that mistake); an answer equal to one
+    # of them is told which mistake it matches (exercises.feedback)
+    mistakes: tuple[tuple[str, Callable[..., object]], ...] = ()
+    uses: tuple[str, ...] = ()  # functions of earlier exercises an answer may call (a failure there is named)
 
     def cases(self, seed: int | None) -> list[tuple[str, tuple]]:
         """[(label, args)]: the visible cases when seed is None, else the hidden ones drawn from seed."""
@@ -86,6 +96,12 @@ def clone(value):
 # ---------------------------------------------------------------------------------------------------- helpers
 def _pick(gen: torch.Generator, *choices):
     return choices[int(torch.randint(len(choices), (1,), generator=gen))]
+
+
+def _kind(gen: torch.Generator, kinds: tuple):
+    """Stratified draws: consecutive case seeds cycle through `kinds`, so that every `len(kinds)` consecutive
+    cases (visible or hidden, at any instructor seed) cover every kind once."""
+    return kinds[gen.initial_seed() % len(kinds)]
 
 
 def _randn(gen: torch.Generator, *shape, scale: float = 1.0) -> torch.Tensor:
@@ -161,6 +177,42 @@ def _rope_ref(x, cos, sin):
     return rope.apply_rope(x, cos, sin, interleaved=True)
 
 
+def _yarn(gen, hidden, kind) -> RopeScaling:
+    """DeepSeek-V3's rope_scaling (factor 40 over 4096 positions), V2's (mscale 0.707), a short original context
+    (the ramp clamped at pair 0), or no temperature on the softmax (mscale_all_dim 0)."""
+    factor = _pick(gen, 4.0, 16.0, 40.0) if hidden else 40.0
+    if kind == "v2":
+        return RopeScaling("yarn", factor, 4096 if not hidden else _pick(gen, 2048, 4096), 32.0, 1.0, 0.707, 0.707)
+    if kind == "short":
+        return RopeScaling("yarn", factor, _pick(gen, 8, 16) if hidden else 16, 32.0, 1.0, 1.0, 1.0)
+    if kind == "no temperature":
+        return RopeScaling("yarn", factor, _pick(gen, 1024, 4096), _pick(gen, 32.0, 16.0), 1.0, 1.0, 0.0)
+    return RopeScaling("yarn", factor, _pick(gen, 4096, 8192) if hidden else 4096, 32.0, 1.0, 1.0, 1.0)
+
+
+def _yarn_freq_args(gen, hidden):
+    kind = _kind(gen, ("v3", "short", "v2") if hidden else ("v3", "short"))
+    dim = _pick(gen, 16, 32, 128) if hidden else 64
+    return dim, _pick(gen, 10000.0, 50000.0) if hidden else 10000.0, _yarn(gen, hidden, kind)
+
+
+def _yarn_freq_ref(dim, base, scaling):
+    return rope.rope_inv_freq(dim, base, scaling)
+
+
+def _yarn_scale_args(gen, hidden):
+    kind = _kind(gen, ("v3", "no temperature", "v2") if hidden else ("v3", "v2"))
+    return _pick(gen, 96, 128, 64) if hidden else 192, _yarn(gen, hidden, kind)
+
+
+def _yarn_scale_ref(qk_head_dim, scaling):
+    return rope.softmax_scale(qk_head_dim, scaling)
+
+
+YARN_FORBIDDEN = tuple(f"refimpl.rope.{f}" for f in (
+    "rope_inv_freq", "softmax_scale", "yarn_get_mscale", "_yarn_correction_dim", "rope_attention_factor"))
+
+
 # ---------------------------------------------------------------------------------------------------- MLA
 def _mla_module(gen, hidden) -> MultiHeadLatentAttention:
     if hidden:
@@ -179,7 +231,7 @@ def _mla_module(gen, hidden) -> MultiHeadLatentAttention:
 def _mla_latents_args(gen, hidden):
     attn = _mla_module(gen, hidden)
     b, s = (_pick(gen, 1, 2), _pick(gen, 1, 3, 6)) if hidden else (2, 3)
-    start = _pick(gen, 0, 5) if hidden else 0
+    start = _kind(gen, (5, 0, 17) if hidden else (0, 3))  # positions after a cached prefix, or from 0
     return attn, _randn(gen, b, s, attn.hidden_size), start
 
 
@@ -204,10 +256,23 @@ def _mla_decompress_ref(attn, c_kv):
     return k_nope, v
 
 
+# A long cache of a wide model (128 heads of 256 + 256 dims over a rank-128 latent): decompressing it, the naive
+# way, needs kv_len * 128 * 512 * 4 bytes (1 GiB visible, 4 GiB hidden: over the sandbox's 3 GiB), while the
+# absorbed path needs a few MiB above the cache itself. MLA_BUDGET_MB is the limit per call.
+MLA_LONG = ModelConfig(vocab_size=32, hidden_size=128, num_hidden_layers=1, num_attention_heads=128,
+                       intermediate_size=32, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=256,
+                       qk_rope_head_dim=32, v_head_dim=256, rope_interleave=True)
+MLA_BUDGET_MB = 512
+
+
 def _mla_absorbed_args(gen, hidden):
-    attn = _mla_module(gen, hidden)
-    b, s = (_pick(gen, 1, 2), _pick(gen, 1, 3)) if hidden else (2, 2)
-    t = s + (_pick(gen, 0, 4) if hidden else 2)
+    if _kind(gen, ("long", "small", "long") if hidden else ("small", "long")) == "long":
+        attn = _randomize(MultiHeadLatentAttention(MLA_LONG), gen).eval()
+        b, s, t = 1, 1, (16384 if hidden else 4096)  # one decode step over a long cache
+    else:
+        attn = _mla_module(gen, hidden)
+        b, s = (_pick(gen, 1, 2), _pick(gen, 1, 3)) if hidden else (2, 2)
+        t = s + (_pick(gen, 0, 4) if hidden else 2)
     h = attn.num_heads
     return (attn, _randn(gen, b, h, s, attn.qk_nope_head_dim), _randn(gen, b, h, s, attn.qk_rope_head_dim),
             _randn(gen, b, t, attn.kv_lora_rank), _randn(gen, b, t, attn.qk_rope_head_dim))
@@ -216,7 +281,7 @@ def _mla_absorbed_args(gen, hidden):
 @torch.no_grad()
 def _mla_absorbed_ref(attn, q_nope, q_pe, c_kv, k_pe):
     mask = decoder_mask(None, q_nope.shape[2], c_kv.shape[1])  # causal, the queries are the last positions
-    return attn._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)  # the absorbed path must equal the naive one
+    return attn._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)  # equal to _attend_naive (tests/test_mla.py)
 
 
 MLA_FORBIDDEN = tuple(f"refimpl.mla.MultiHeadLatentAttention.{m}"
@@ -237,7 +302,8 @@ def _moe_config(gen, hidden, **changes) -> ModelConfig:
 
 
 def _route_args(gen, hidden):
-    config = _moe_config(gen, hidden, norm_topk_prob=_pick(gen, True, False) if hidden else True)
+    norm, scale = _kind(gen, ((True, 2.5), (False, 2.5), (True, 1.0)) if hidden else ((True, 2.5), (False, 2.5)))
+    config = _moe_config(gen, hidden, norm_topk_prob=norm, routed_scaling_factor=scale)
     gate = _randomize(moe.Router(config), gen, scale=1.0)
     return gate, _randn(gen, _pick(gen, 1, 5, 9) if hidden else 6, config.hidden_size)
 
@@ -246,7 +312,8 @@ def _group_route_args(gen, hidden):
     n_group = _pick(gen, 2, 4) if hidden else 4
     config = _moe_config(gen, hidden, n_routed_experts=n_group * (_pick(gen, 2, 3) if hidden else 2),
                          num_experts_per_tok=2, n_group=n_group, topk_group=_pick(gen, 1, 2) if hidden else 2,
-                         scoring_func="sigmoid", topk_method="noaux_tc")
+                         scoring_func="sigmoid", topk_method="noaux_tc",
+                         routed_scaling_factor=_kind(gen, (2.5, 1.0, 2.5)) if hidden else 2.5)
     gate = _randomize(moe.Router(config), gen, scale=1.0)
     gate.e_score_correction_bias.copy_(_randn(gen, config.n_routed_experts, scale=0.3))
     return gate, _randn(gen, _pick(gen, 1, 5, 9) if hidden else 6, config.hidden_size)
@@ -270,9 +337,33 @@ def _by_expert(result):
     return idx.gather(1, order), weight.gather(1, order)
 
 
+def _in_answer_order(answer, expected) -> tuple:
+    """(answer, expected) for the learner's message: where each token's experts are the expected ones, the
+    expected weights in the answer's order (a wrong weight is reported where the learner put it); otherwise
+    both ordered by expert id."""
+    a, e = _by_expert(answer), _by_expert(expected)
+    if a is answer or not torch.equal(a[0], e[0]):
+        return a, e
+    slot = answer[0].argsort(dim=-1).argsort(dim=-1)  # where each of the answer's experts sits once sorted
+    return answer, (e[0].gather(1, slot), e[1].gather(1, slot))
+
+
 def _moe_args(gen, hidden):
-    config = _moe_config(gen, hidden)
-    layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
+    kind = _kind(gen, ("dormant", "softmax", "dormant") if hidden else ("softmax", "dormant"))
+    if kind == "softmax":  # V2's router
+        config = _moe_config(gen, hidden)
+        layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
+    else:  # V3's router, and one expert no token is routed to, whose output overflows to inf: an answer that
+        # runs every expert on every token (and weighs the unchosen ones by 0) gets NaN (0 * inf)
+        config = _moe_config(gen, hidden, n_group=1, topk_group=1, scoring_func="sigmoid",
+                             topk_method="noaux_tc")
+        layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
+        dormant = int(torch.randint(config.n_routed_experts, (1,), generator=gen))
+        with torch.no_grad():
+            layer.gate.e_score_correction_bias.copy_(_randn(gen, config.n_routed_experts, scale=0.1))
+            layer.gate.e_score_correction_bias[dormant] = -1e4  # never chosen
+            for p in layer.experts[dormant].parameters():
+                p.mul_(1e15)  # its output overflows float32 on any token
     b, s = (_pick(gen, 1, 2), _pick(gen, 1, 4)) if hidden else (2, 3)
     return layer, _randn(gen, b, s, config.hidden_size)
 
@@ -284,9 +375,10 @@ def _moe_ref(layer, hidden_states):
 
 def _bias_args(gen, hidden):
     experts = _pick(gen, 3, 8, 10) if hidden else 8
-    load = torch.randint(0, 6, (experts,), generator=gen).float()
-    if hidden:  # some experts exactly at the mean load: their bias must not move
-        load[: experts // 2] = load.mean()
+    mean = int(torch.randint(1, 6, (1,), generator=gen))
+    pairs = torch.randint(1, mean + 1, ((experts - 1) // 2,), generator=gen)  # loads mean +- d
+    at_mean = torch.zeros(experts - 2 * len(pairs), dtype=torch.int64)  # at least one expert exactly at the mean
+    load = (mean + torch.cat((pairs, -pairs, at_mean)))[torch.randperm(experts, generator=gen)].float()
     gamma = _pick(gen, 0.001, 0.01, 0.1) if hidden else 0.01
     return _randn(gen, experts, scale=0.1), load, gamma
 
@@ -296,26 +388,43 @@ def _bias_ref(bias, load, gamma):
 
 
 # ---------------------------------------------------------------------------------------------------- accounting
+ACCOUNTING_VISIBLE = {  # each branch of the statement: MLA with q_lora and noaux_tc (V3), GQA (Llama), tied
+    "dense": "Llama-3-8B",
+    "mla": "DeepSeek-V3",
+    "mla tied": ModelConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
+                            intermediate_size=512, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32,
+                            qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
+                            num_experts_per_tok=2, moe_intermediate_size=64, first_k_dense_replace=1,
+                            tie_word_embeddings=True),
+    "dense tied": ModelConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=True,
+                              attention_bias=True),
+}
+
+
 def _config_args(gen, hidden):
+    kind = _kind(gen, ("mla", "dense tied", "mla tied", "dense"))
     if not hidden:
-        return (load_known(_pick(gen, "DeepSeek-V3", "DeepSeek-V2-Lite", "Llama-3-8B")),)
-    if _pick(gen, True, False):  # dense, GQA
+        config = ACCOUNTING_VISIBLE[kind]
+        return (load_known(config) if isinstance(config, str) else config,)
+    tied = kind.endswith("tied")
+    if kind.startswith("dense"):  # GQA, MQA or MHA
         heads = _pick(gen, 8, 12, 32)
         return (ModelConfig(vocab_size=_pick(gen, 1000, 32000), hidden_size=heads * 64,
                             num_hidden_layers=_pick(gen, 2, 7, 30), num_attention_heads=heads,
                             num_key_value_heads=_pick(gen, 1, 4, heads), intermediate_size=_pick(gen, 1000, 3000),
-                            tie_word_embeddings=_pick(gen, True, False), attention_bias=_pick(gen, True, False)),)
+                            tie_word_embeddings=tied, attention_bias=tied),)
     n_group = _pick(gen, 1, 4)
     return (ModelConfig(vocab_size=_pick(gen, 1000, 50000), hidden_size=_pick(gen, 512, 1024),
                         num_hidden_layers=_pick(gen, 3, 9), num_attention_heads=_pick(gen, 4, 16),
-                        intermediate_size=_pick(gen, 1000, 4000), q_lora_rank=_pick(gen, None, 192),
+                        intermediate_size=_pick(gen, 1000, 4000), q_lora_rank=None if tied else 192,
                         kv_lora_rank=_pick(gen, 64, 128), qk_nope_head_dim=_pick(gen, 32, 64),
                         qk_rope_head_dim=_pick(gen, 16, 32), v_head_dim=_pick(gen, 32, 64),
                         n_routed_experts=n_group * _pick(gen, 4, 8), n_shared_experts=_pick(gen, 0, 1, 2),
                         num_experts_per_tok=_pick(gen, 2, 4), moe_intermediate_size=_pick(gen, 128, 256),
                         n_group=n_group, topk_group=1, first_k_dense_replace=_pick(gen, 0, 1, 2),
-                        topk_method=_pick(gen, "greedy", "noaux_tc"), scoring_func="sigmoid",
-                        tie_word_embeddings=_pick(gen, True, False)),)
+                        topk_method="greedy" if tied else "noaux_tc", scoring_func="sigmoid",
+                        tie_word_embeddings=tied),)
 
 
 def _kv_bytes_args(gen, hidden):
@@ -337,9 +446,16 @@ ACCOUNTING_FORBIDDEN = tuple(f"refimpl.accounting.{f}" for f in (
 
 # ---------------------------------------------------------------------------------------------------- kernels
 def _softmax_args(gen, hidden):
-    rows, cols = (_pick(gen, 1, 3, 7), _pick(gen, 1, 5, 33, 100)) if hidden else (4, 16)
-    scale = _pick(gen, 1.0, 40.0) if hidden else 1.0  # large logits: exp overflows without the max trick
-    return (_randn(gen, rows, cols, scale=scale),)
+    """Widths that are not powers of two (a row stride of BLOCK, or a missing column mask, reads the wrong
+    values), large logits (exp overflows without the max subtracted) and all-negative ones (a masked lane
+    loaded as 0.0 becomes the max and adds to the sum)."""
+    kind = _kind(gen, ("large", "negative", "power of two") if hidden else ("large", "negative"))
+    rows = _pick(gen, 2, 3, 7) if hidden else 3
+    if kind == "large":
+        return (_randn(gen, rows, _pick(gen, 5, 33, 100) if hidden else 20, scale=100.0),)
+    if kind == "negative":
+        return (_randn(gen, rows, _pick(gen, 3, 7, 47) if hidden else 7) - 4.0,)
+    return (_randn(gen, rows, _pick(gen, 1, 16, 64), scale=100.0),)
 
 
 def _softmax_ref(x):
@@ -347,7 +463,11 @@ def _softmax_ref(x):
 
 
 def _decode_block_args(gen, hidden):
-    b, h, t = (_pick(gen, 1, 2), _pick(gen, 1, 3), _pick(gen, 1, 9, 40)) if hidden else (1, 2, 16)
+    # kv_len not a multiple of BLOCK_T = 8 (the last block needs its mask), shorter than one block, or a multiple
+    kind = _kind(gen, ("tail", "short", "multiple") if hidden else ("tail", "short"))
+    t = {"tail": _pick(gen, 9, 13, 30) if hidden else 13, "short": _pick(gen, 1, 3, 7) if hidden else 5,
+         "multiple": _pick(gen, 8, 16, 24)}[kind]
+    b, h = (_pick(gen, 1, 2), _pick(gen, 1, 3)) if hidden else (1, 2)
     r, dr = (_pick(gen, 8, 16), _pick(gen, 4, 8)) if hidden else (16, 8)
     scale = (24 ** -0.5)
     return (_randn(gen, b, h, r), _randn(gen, b, h, dr), _randn(gen, b, t, r), _randn(gen, b, t, dr), scale)
@@ -361,39 +481,527 @@ def _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale):
     return attention.scaled_dot_product_attention(q, k, v, scale=scale)[:, :, 0]  # [b, h, r]
 
 
+# ---------------------------------------------------------------------------------------------------- 07: GQA, split-KV
+# Exercise 07 (lessons 04 and 16): grouped-query attention over a cache, and merging split-KV partial results.
+def _gqa_args(gen, hidden):
+    kind = _kind(gen, ("gqa", "mqa", "gqa wide") if hidden else ("gqa", "gqa wide"))
+    kv_heads = {"gqa": 2, "mqa": 1, "gqa wide": 3}[kind]
+    group = _pick(gen, 2, 3) if hidden else 2  # query heads per key/value head
+    b, s, d = (_pick(gen, 1, 2), _pick(gen, 1, 3, 5), _pick(gen, 4, 8)) if hidden else (2, 3, 8)
+    t = s + (_pick(gen, 0, 2, 6) if hidden else 4)  # queries after a cached prefix
+    return (_randn(gen, b, kv_heads * group, s, d), _randn(gen, b, kv_heads, t, d),
+            _randn(gen, b, kv_heads, t, d))
+
+
+def _gqa_ref(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    return attention.scaled_dot_product_attention(q, attention.repeat_kv(k, group), attention.repeat_kv(v, group),
+                                                  is_causal=True)
+
+
+def _split_args(gen, hidden):
+    """Partial results of one query per head over the splits of a cache: outs [splits, b, h, d] (each split's
+    softmax-weighted values) and lses [splits, b, h] (log-sum-exp of its scaled scores; -inf for an empty split).
+    Kinds: large scores (exp(lse) overflows float32), an empty split, ordinary."""
+    kind = _kind(gen, ("large", "empty", "plain") if hidden else ("plain", "large"))
+    b, h, d = (_pick(gen, 1, 2), _pick(gen, 1, 3), _pick(gen, 4, 8)) if hidden else (2, 2, 8)
+    sizes = [int(n) for n in torch.randint(1, 6, (_pick(gen, 2, 3, 4) if hidden else 3,), generator=gen)]
+    if kind == "empty":
+        sizes[int(torch.randint(len(sizes), (1,), generator=gen))] = 0
+    q = _randn(gen, b, h, d, scale=100.0 if kind == "large" else 1.0).double()
+    k, v = _randn(gen, b, h, sum(sizes), d).double(), _randn(gen, b, h, sum(sizes), d).double()
+    scores = torch.einsum("bhd,bhtd->bht", q, k) * d ** -0.5
+    outs, lses = [], []
+    for score, value in zip(scores.split(sizes, dim=-1), v.split(sizes, dim=-2)):
+        lses.append(score.logsumexp(dim=-1))  # -inf when empty
+        outs.append(torch.einsum("bht,bhtd->bhd", score.softmax(dim=-1), value) if score.shape[-1]
+                    else torch.zeros(b, h, d, dtype=torch.float64))
+    return torch.stack(outs).float(), torch.stack(lses).float()
+
+
+def _split_ref(outs, lses):
+    """The attention output over the whole cache, from the splits (FlashDecoding): weights exp(lse_i - max)."""
+    outs, lses = outs.double(), lses.double()
+    weights = (lses - lses.max(dim=0).values).exp()  # [splits, b, h]; 0 for an empty split
+    return ((weights[..., None] * outs).sum(0) / weights.sum(0)[..., None]).float()
+
+
+SPLITKV_QUESTIONS = [
+    Question("gqa_attention", ("q", "k", "v"), _gqa_args, _gqa_ref, SDPA_EQUIVALENTS, routes=ATTENTION_ROUTES),
+    Question("merge_splits", ("outs", "lses"), _split_args, _split_ref, (), atol=1e-5, rtol=1e-4),
+]
+
+
+# ---------------------------------------------------------------------------------------------------- 10: balance, dispatch
+# Exercise 10 (lessons 10, 17, 18): V2's and V3's balance losses, aligning tokens to experts for a grouped GEMM,
+# and the bytes an expert-parallel dispatch sends.
+def _routing(gen, tokens, experts, k, sigmoid):
+    logits = _randn(gen, tokens, experts, scale=2.0)
+    scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+    return scores, scores.topk(k, dim=-1).indices  # [tokens, E], [tokens, k] int64
+
+
+def _expert_loss_args(gen, hidden):
+    kind = _kind(gen, ("top-k", "top-1", "few tokens") if hidden else ("top-k", "few tokens"))
+    experts = _pick(gen, 4, 6, 8) if hidden else 6
+    tokens = {"top-k": _pick(gen, 7, 12), "top-1": _pick(gen, 5, 9), "few tokens": _pick(gen, 2, 3)}[kind] \
+        if hidden else {"top-k": 10, "few tokens": 3}[kind]
+    k = 1 if kind == "top-1" else _pick(gen, 2, 3) if hidden else 2
+    scores, topk_idx = _routing(gen, tokens, experts, k, sigmoid=False)
+    return scores, topk_idx, experts, _pick(gen, 0.1, 0.03) if hidden else 0.1
+
+
+def _expert_loss_ref(scores, topk_idx, n_routed_experts, alpha):
+    return float(moe.expert_balance_loss(scores.double(), topk_idx, n_routed_experts, alpha))
+
+
+def _sequence_loss_args(gen, hidden):
+    kind = _kind(gen, ("batch", "one sequence", "batch top-1") if hidden else ("batch", "batch top-1"))
+    batch = 1 if kind == "one sequence" else _pick(gen, 2, 3) if hidden else 2
+    seq, experts = (_pick(gen, 3, 5), _pick(gen, 4, 8)) if hidden else (4, 6)
+    k = 1 if kind == "batch top-1" else 2
+    scores, topk_idx = _routing(gen, batch * seq, experts, k, sigmoid=True)  # V3's sigmoid affinities
+    return scores, topk_idx, experts, _pick(gen, 0.1, 0.03) if hidden else 0.1, batch, seq
+
+
+def _sequence_loss_ref(scores, topk_idx, n_routed_experts, alpha, batch_size, seq_len):
+    return float(moe.sequence_balance_loss(scores.double(), topk_idx, n_routed_experts, alpha, batch_size, seq_len))
+
+
+def _align_args(gen, hidden):
+    kind = _kind(gen, ("idle expert", "full blocks", "plain") if hidden else ("idle expert", "plain"))
+    experts, k = (_pick(gen, 4, 6), _pick(gen, 1, 2)) if hidden else (5, 2)
+    block_m = _pick(gen, 2, 4) if hidden else 4
+    tokens = _pick(gen, 5, 9) if hidden else 6
+    topk_idx = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    if kind == "idle expert":  # one expert no pair goes to: it gets no block
+        idle = int(torch.randint(experts, (1,), generator=gen))
+        topk_idx = torch.stack([torch.randperm(experts - 1, generator=gen)[:k] for _ in range(tokens)])
+        topk_idx = topk_idx + (topk_idx >= idle).long()  # ids skip `idle`
+    elif kind == "full blocks":  # every expert's run exactly a multiple of block_m: no padding
+        k, tokens = 1, experts * block_m
+        topk_idx = torch.arange(experts).repeat_interleave(block_m)[torch.randperm(tokens, generator=gen)][:, None]
+    return topk_idx, experts, block_m
+
+
+def _align_ref(topk_idx, n_experts, block_m):
+    from dskernels.moe import align_to_experts
+
+    return align_to_experts(topk_idx, n_experts, block_m)
+
+
+def _dispatch_args(gen, hidden):
+    kind = _kind(gen, ("same rank twice", "uneven", "plain") if hidden else ("same rank twice", "uneven"))
+    world = _pick(gen, 2, 4) if hidden else 4
+    experts_per_rank = _pick(gen, 2, 3) if hidden else 2
+    tokens_per_rank = [int(n) for n in torch.randint(1, 5, (world,), generator=gen)] if kind == "uneven" \
+        else [3] * world
+    k = 2 if kind != "plain" else _pick(gen, 1, 3)
+    experts = world * experts_per_rank
+    topk_idx = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(sum(tokens_per_rank))])
+    if kind == "same rank twice":  # a token's two experts on one rank: its row is sent there once
+        rank = topk_idx[:, 0] // experts_per_rank
+        topk_idx[:, 1] = rank * experts_per_rank + (topk_idx[:, 0] + 1) % experts_per_rank
+    return topk_idx, tokens_per_rank, experts_per_rank, _pick(gen, 7168 * 2, 4096) if hidden else 7168
+
+
+def _dispatch_ref(topk_idx, tokens_per_rank, experts_per_rank, row_bytes):
+    from refimpl.expert_parallel import traffic_formula
+
+    return traffic_formula(topk_idx, tokens_per_rank, experts_per_rank, row_bytes)[0]
+
+
+BALANCE_QUESTIONS = [
+    Question("expert_balance_loss", ("scores", "topk_idx", "n_routed_experts", "alpha"), _expert_loss_args,
+             _expert_loss_ref, ("refimpl.moe.expert_balance_loss", "refimpl.moe.sequence_balance_loss"),
+             atol=1e-7, rtol=1e-5),
+    Question("sequence_balance_loss", ("scores", "topk_idx", "n_routed_experts", "alpha", "batch_size", "seq_len"),
+             _sequence_loss_args, _sequence_loss_ref,
+             ("refimpl.moe.expert_balance_loss", "refimpl.moe.sequence_balance_loss"), atol=1e-7, rtol=1e-5),
+    Question("align_to_experts", ("topk_idx", "n_experts", "block_m"), _align_args, _align_ref, ()),
+    Question("dispatch_bytes", ("topk_idx", "tokens_per_rank", "experts_per_rank", "row_bytes"), _dispatch_args,
+             _dispatch_ref, ("refimpl.expert_parallel.traffic_formula",)),
+]
+
+
+# ---------------------------------------------------------------------------------------------------- mistakes
+# The references computed with a common mistake (Question.mistakes): an answer equal to one is told which mistake
+# it made. Each takes the question's arguments; tests/test_exercise_mutants.py checks that each fails the visible
+# check and loses hidden points.
+def _top_left(q, k, v):
+    s, t = q.shape[-2], k.shape[-2]
+    mask = torch.ones(s, t, dtype=torch.bool).tril()[None, None]  # the first query sees the first key only
+    return attention.scaled_dot_product_attention(q, k, v, mask=mask)
+
+
+def _sdpa_no_scale(q, k, v):
+    return attention.scaled_dot_product_attention(q, k, v, scale=1.0, is_causal=True)
+
+
+def _decode_whole_cache(q, k_new, v_new, cache_k, cache_v, pos):
+    k, v = cache_k.clone(), cache_v.clone()
+    k[:, :, pos:pos + 1], v[:, :, pos:pos + 1] = k_new, v_new
+    cache_k.copy_(k), cache_v.copy_(v)
+    return attention.scaled_dot_product_attention(q, k, v)  # attends past pos too: stale or empty slots
+
+
+def _rope_half_split(x, cos, sin):
+    return rope.apply_rope(x, cos, sin, interleaved=False)
+
+
+@torch.no_grad()
+def _latents_from_zero(attn, hidden_states, start_pos):
+    return _mla_latents_ref(attn, hidden_states, 0)
+
+
+@torch.no_grad()
+def _latents_half_split(attn, hidden_states, start_pos):
+    attn = copy.copy(attn)
+    attn.rope_interleave = False
+    return _mla_latents_ref(attn, hidden_states, start_pos)
+
+
+@torch.no_grad()
+def _absorbed_no_scale(attn, q_nope, q_pe, c_kv, k_pe):
+    attn = copy.copy(attn)
+    attn.softmax_scale = 1.0
+    return _mla_absorbed_ref(attn, q_nope, q_pe, c_kv, k_pe)
+
+
+@torch.no_grad()
+def _absorbed_top_left(attn, q_nope, q_pe, c_kv, k_pe):
+    mask = torch.ones(q_nope.shape[2], c_kv.shape[1], dtype=torch.bool).tril()[None, None]
+    return attn._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+
+
+@torch.no_grad()
+def _route_unscaled(gate, x):
+    idx, weight = _route_ref(gate, x)
+    return idx, weight / gate.routed_scaling_factor
+
+
+@torch.no_grad()
+def _route_always_normalized(gate, x):
+    idx, weight = _route_unscaled(gate, x)
+    return idx, weight / weight.sum(-1, keepdim=True) * gate.routed_scaling_factor
+
+
+@torch.no_grad()
+def _route_biased_weights(gate, x):
+    idx, _ = _route_ref(gate, x)
+    choice = (x @ gate.weight.T).sigmoid() + gate.e_score_correction_bias
+    weight = choice.gather(1, idx)
+    return idx, weight / weight.sum(-1, keepdim=True) * gate.routed_scaling_factor
+
+
+@torch.no_grad()
+def _moe_dense(layer, hidden_states):
+    x = hidden_states.flatten(0, 1)  # [tokens, hidden]
+    routing = layer.gate(x)
+    weights = torch.zeros(x.shape[0], len(layer.experts)).scatter(1, routing.topk_idx, routing.topk_weight)
+    out = sum(weights[:, e, None] * expert(x) for e, expert in enumerate(layer.experts))
+    if layer.shared_experts is not None:
+        out = out + layer.shared_experts(x)
+    return out.view(hidden_states.shape)
+
+
+def _bias_moves_mean(bias, load, gamma):
+    bias += gamma * torch.where(load < load.mean(), 1.0, -1.0)
+    return bias
+
+
+def _kv_bytes_no_rope_key(config, bytes_per_element):
+    rope_key = config.qk_rope_head_dim if config.kv_lora_rank is not None else 0
+    return _kv_bytes_ref(config, bytes_per_element) - rope_key * config.num_hidden_layers * bytes_per_element
+
+
+def _kv_bytes_dense(config, bytes_per_element):
+    head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim if config.kv_lora_rank else config.head_dim
+    per_layer = 2 * config.num_key_value_heads * head_dim  # a key and a value per head
+    return per_layer * config.num_hidden_layers * bytes_per_element
+
+
+def _moe_layers(config) -> int:
+    return sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+
+
+def _activated_no_router_bias(config):
+    bias = config.n_routed_experts * _moe_layers(config) if config.topk_method == "noaux_tc" else 0
+    return _activated_ref(config) - bias
+
+
+def _activated_head_twice(config):
+    tied = config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0
+    return _activated_ref(config) + tied
+
+
+def _activated_no_q_norm(config):
+    norm = config.q_lora_rank if config.kv_lora_rank is not None and config.q_lora_rank else 0
+    return _activated_ref(config) - norm * config.num_hidden_layers
+
+
+def _softmax_no_max(x):
+    e = x.exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+def _softmax_zero_lanes(x):
+    cols = x.shape[1]
+    padded = torch.nn.functional.pad(x, (0, (1 << max(cols - 1, 0).bit_length()) - cols))  # lanes of 0.0
+    e = (padded - padded.max(-1, keepdim=True).values).exp()
+    return (e / e.sum(-1, keepdim=True))[:, :cols]
+
+
+def _decode_block_no_tail_mask(q_latent, q_pe, c_kv, k_pe, scale):
+    pad = -c_kv.shape[1] % 8  # the loop's last block of BLOCK_T = 8, its missing rows scored as 0
+    c_kv, k_pe = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (c_kv, k_pe))
+    return _decode_block_ref(q_latent, q_pe, c_kv, k_pe, scale)
+
+
+def _decode_block_no_scale(q_latent, q_pe, c_kv, k_pe, scale):
+    return _decode_block_ref(q_latent, q_pe, c_kv, k_pe, 1.0)
+
+
+def _gqa_tiled(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    return attention.scaled_dot_product_attention(q, k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1),
+                                                  is_causal=True)
+
+
+def _gqa_top_left(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    return _top_left(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+
+
+def _expert_loss_unnormalized_f(scores, topk_idx, n_routed_experts, alpha):
+    f = torch.bincount(topk_idx.flatten(), minlength=n_routed_experts).double() / topk_idx.shape[0]
+    return float(alpha * (f * scores.double().mean(0)).sum())  # f_i without N' / K'
+
+
+def _sequence_loss_unnormalized(scores, topk_idx, n_routed_experts, alpha, batch_size, seq_len):
+    per_sequence = zip(scores.double().view(batch_size, seq_len, -1), topk_idx.view(batch_size, seq_len, -1))
+    return float(sum(moe.expert_balance_loss(s, i, n_routed_experts, alpha) for s, i in per_sequence)) / batch_size
+
+
+def _sequence_loss_whole_batch(scores, topk_idx, n_routed_experts, alpha, batch_size, seq_len):
+    normalized = scores.double() / scores.double().sum(-1, keepdim=True)
+    return float(moe.expert_balance_loss(normalized, topk_idx, n_routed_experts, alpha))
+
+
+def _align_pad_zero(topk_idx, n_experts, block_m):
+    sorted_pairs, block_expert = _align_ref(topk_idx, n_experts, block_m)
+    return torch.where(sorted_pairs == topk_idx.numel(), 0, sorted_pairs).int(), block_expert
+
+
+def _dispatch_per_expert(topk_idx, tokens_per_rank, experts_per_rank, row_bytes):
+    world = len(tokens_per_rank)
+    source = torch.repeat_interleave(torch.arange(world), torch.tensor(tokens_per_rank))[:, None]
+    away = (topk_idx // experts_per_rank != source).sum(-1)  # one row per expert, not per rank
+    return torch.zeros(world, dtype=torch.long).index_add_(0, source[:, 0], away).mul(row_bytes).tolist()
+
+
+def _dispatch_counting_self(topk_idx, tokens_per_rank, experts_per_rank, row_bytes):
+    from refimpl.expert_parallel import ranks_reached
+
+    world = len(tokens_per_rank)
+    reached = ranks_reached(topk_idx, experts_per_rank, world).long().sum(-1)  # its own rank included
+    source = torch.repeat_interleave(torch.arange(world), torch.tensor(tokens_per_rank))
+    return torch.zeros(world, dtype=torch.long).index_add_(0, source, reached).mul(row_bytes).tolist()
+
+
+def _yarn_ramp_reversed(dim, base, scaling):
+    plain = rope.rope_inv_freq(dim, base)
+    yarn = rope.rope_inv_freq(dim, base, scaling)
+    return plain / scaling.factor + plain - yarn  # the fast pairs interpolated, the slow ones kept
+
+
+def _yarn_all_interpolated(dim, base, scaling):
+    return rope.rope_inv_freq(dim, base) / scaling.factor
+
+
+def _yarn_scale_not_squared(qk_head_dim, scaling):
+    return qk_head_dim ** -0.5 * rope.yarn_get_mscale(scaling.factor, scaling.mscale_all_dim)
+
+
+def _yarn_scale_plain(qk_head_dim, scaling):
+    return qk_head_dim ** -0.5
+
+
+def _merge_mean(outs, lses):
+    return outs.mean(dim=0)
+
+
+def _merge_no_max(outs, lses):
+    weights = lses.exp()  # overflows to inf for large scores: inf / inf
+    return (weights[..., None] * outs).sum(0) / weights.sum(0)[..., None]
+
+
+TOP_LEFT = "used a top-left causal mask: the queries are the last positions (bottom-right, after the prefix)"
+NO_SCALE = "left out the softmax scale 1/sqrt(d) on the scores"
+MISTAKES = {
+    "causal_sdpa": ((TOP_LEFT, _top_left), (NO_SCALE, _sdpa_no_scale)),
+    "decode_step": (("attended to the whole cache: positions after pos are stale or empty", _decode_whole_cache),),
+    "rope_interleaved": (("rotated the two halves (Llama's layout), not DeepSeek's interleaved pairs",
+                          _rope_half_split),),
+    "yarn_inv_freq": (("ramped the wrong way: the fast pairs (short wavelengths) keep their frequency",
+                       _yarn_ramp_reversed),
+                      ("divided every frequency by factor (no ramp)", _yarn_all_interpolated)),
+    "yarn_softmax_scale": (("did not square mscale: 1/sqrt(d) * mscale^2", _yarn_scale_not_squared),
+                           ("left out YaRN's temperature mscale(factor, mscale_all_dim)^2", _yarn_scale_plain)),
+    "mla_latents": (("ignored start_pos: the positions start after the cached prefix", _latents_from_zero),
+                    ("rotated the two halves of k_pe, not interleaved pairs", _latents_half_split)),
+    "mla_absorbed": (("left out attn.softmax_scale on the scores", _absorbed_no_scale),
+                     (TOP_LEFT, _absorbed_top_left)),
+    "route_topk": (("left out routed_scaling_factor", _route_unscaled),
+                   ("normalized the weights although norm_topk_prob is False", _route_always_normalized)),
+    "route_group_limited": (("left out routed_scaling_factor", _route_unscaled),
+                            ("took the weights from the biased scores: the bias only chooses the experts",
+                             _route_biased_weights)),
+    "moe_forward": (("ran every expert on every token: run each routed expert on its own tokens only",
+                     _moe_dense),),
+    "update_bias": (("moved the bias of an expert exactly at the mean load: it stays", _bias_moves_mean),),
+    "kv_bytes_per_token": (("left out MLA's shared RoPE key (qk_rope_head_dim per layer)", _kv_bytes_no_rope_key),
+                           ("used the MHA/GQA formula for an MLA model: MLA caches the latent", _kv_bytes_dense)),
+    "activated_params": (("left out the noaux_tc router bias (n_routed_experts per MoE layer)",
+                          _activated_no_router_bias),
+                         ("counted the output head although it is tied to the embedding", _activated_head_twice),
+                         ("left out q_a_layernorm (q_lora_rank weights per layer)", _activated_no_q_norm)),
+    "softmax_rows": (("did not subtract the row max: exp overflows on large logits", _softmax_no_max),
+                     ("loaded the masked lanes as 0.0: load them as -inf", _softmax_zero_lanes)),
+    "mla_decode_block": (("did not mask the positions past kv_len in the last block", _decode_block_no_tail_mask),
+                         ("left out the scale on the scores", _decode_block_no_scale)),
+    "gqa_attention": (("repeated the key/value heads tiled (.repeat): query head i uses key/value head "
+                       "i // group (repeat_interleave)", _gqa_tiled), (TOP_LEFT, _gqa_top_left)),
+    "expert_balance_loss": (("left out N'/(K'T) in f_i (f_i is 1 for every expert under an even load)",
+                             _expert_loss_unnormalized_f),),
+    "sequence_balance_loss": (("did not normalize the sigmoid scores (s'_{i,t} = s_{i,t} / sum_j s_{j,t})",
+                               _sequence_loss_unnormalized),
+                              ("computed one loss over the whole batch, not per sequence", _sequence_loss_whole_batch)),
+    "align_to_experts": (("padded with 0 (a real pair) instead of the sentinel T*k", _align_pad_zero),),
+    "dispatch_bytes": (("sent a row per chosen expert: a token's row goes to each rank once", _dispatch_per_expert),
+                       ("counted the rows a rank keeps for its own experts", _dispatch_counting_self)),
+    "merge_splits": (("averaged the splits: weigh each by exp(lse_i - lse)", _merge_mean),
+                     ("took exp(lse) without subtracting the max lse: it overflows", _merge_no_max)),
+}
+
+
 # ---------------------------------------------------------------------------------------------------- registry
+# ---------------------------------------------------------------------------------------------------- parallelism
+# Exercise 09 (lessons 21, 22): a pipeline schedule's bubble, and DeepSeek Sparse Attention's indexer. Hidden
+# cases are stratified: consecutive case seeds cycle through every kind of case (`_kind`), so all three hidden
+# cases together cover every branch at every instructor seed.
+def _as_lists(order) -> list:
+    """refimpl.pipeline's order {rank: [(Op, ...), ...]} -> [[[(kind, stage, microbatch), ...], ...], ...]."""
+    return [[[(op.kind, op.stage, op.microbatch) for op in action] for action in order[r]]
+            for r in sorted(order)]
+
+
+def _bubble_args(gen, hidden):
+    from refimpl import pipeline
+
+    if not hidden:
+        pp, m = (3, 5) if gen.initial_seed() % 2 else (2, 4)
+        order = pipeline.pipeline_order("1F1B", pp, m) if pp == 3 else pipeline.zb1p_order(pp, m)
+        return _as_lists(order), {"F": 1.0, "B": 2.0, "W": 1.0, "F&B": 2.5}
+    kind = _kind(gen, ("zb1p", "dualpipev", "gpipe"))
+    pp, m = _pick(gen, 2, 3, 4), _pick(gen, 4, 6, 8)
+    F, W = 0.5 + float(torch.rand((), generator=gen)), 0.2 + 0.3 * float(torch.rand((), generator=gen))
+    B = W + 0.5 + float(torch.rand((), generator=gen))
+    durations = {"F": round(F, 3), "B": round(B, 3), "W": round(W, 3), "F&B": round(max(F, B) + 0.3, 3)}
+    if kind == "zb1p":
+        return _as_lists(pipeline.zb1p_order(pp, m)), durations
+    if kind == "dualpipev":
+        return _as_lists(pipeline.pipeline_order("DualPipeV", pp, 2 * pp + m)), durations
+    return _as_lists(pipeline.pipeline_order("GPipe", pp, m)), durations
+
+
+def _bubble_ref(order, durations):
+    from refimpl import pipeline
+
+    ops = {r: [tuple(pipeline.Op(*op) for op in action) for action in acts] for r, acts in enumerate(order)}
+    return [float(b) for b in pipeline.bubble(pipeline.simulate(ops, durations)).values()]
+
+
+def _index_args(gen, hidden):
+    seq, heads, d = (_pick(gen, 1, 3, 5), _pick(gen, 2, 4), _pick(gen, 4, 8)) if hidden else (3, 2, 4)
+    # queries after a cached prefix (bottom-right causal mask), visible and in two of three hidden cases
+    prefix = 3 if not hidden else _pick(gen, 2, 6) if _kind(gen, ("prefix", "none", "prefix")) == "prefix" else 0
+    kv_len = prefix + seq
+    w = _randn(gen, seq, heads)  # weights of both signs: a ReLU applied after the weights fails
+    return _randn(gen, seq, heads, d), _randn(gen, kv_len, d), w
+
+
+def _index_ref(q, k, w):
+    seq, kv_len = q.shape[0], k.shape[0]
+    scores = torch.einsum("sh,sht->st", w, torch.relu(torch.einsum("shd,td->sht", q, k)))
+    return scores.masked_fill(~decoder_mask(None, seq, kv_len)[0, 0], float("-inf"))
+
+
+def _topk_args(gen, hidden):
+    seq, kv_len = (_pick(gen, 2, 4), _pick(gen, 5, 9)) if hidden else (3, 6)
+    scores = _randn(gen, seq, kv_len)
+    kind = _kind(gen, ("ties", "clamp", "masked")) if hidden else "ties"
+    if kind == "ties":  # ReLU makes exact zeros, hence ties: the earlier token wins
+        scores = scores.clamp(min=0.0)
+    scores = scores.masked_fill(~decoder_mask(None, seq, kv_len)[0, 0], float("-inf"))
+    topk = kv_len + 3 if kind == "clamp" else _pick(gen, 2, 3) if hidden else 3
+    return scores, topk
+
+
+def _topk_ref(scores, topk):
+    from refimpl.dsa import select_topk
+
+    return select_topk(scores[None], topk)[0]
+
+
+PARALLELISM_QUESTIONS = [
+    Question("simulate_bubble", ("order", "durations"), _bubble_args, _bubble_ref,
+             ("refimpl.pipeline.simulate", "refimpl.pipeline.bubble")),
+    Question("index_scores", ("q", "k", "w"), _index_args, _index_ref, ("refimpl.dsa.LightningIndexer.scores",)),
+    Question("select_topk", ("scores", "topk"), _topk_args, _topk_ref, ("refimpl.dsa.select_topk",)),
+]
+
+
 QUESTIONS = {q.name: q for q in [
     Question("causal_sdpa", ("q", "k", "v"), _sdpa_args, _sdpa_ref, SDPA_EQUIVALENTS, routes=ATTENTION_ROUTES),
     Question("kv_cache_update", ("cache_k", "cache_v", "k_new", "v_new", "start_pos"), _cache_args, _cache_ref,
              ("refimpl.attention.KVCache.update",), mutated_args=(0, 1)),
     Question("decode_step", ("q", "k_new", "v_new", "cache_k", "cache_v", "pos"), _decode_args, _decode_ref,
              ("refimpl.attention.KVCache.update",) + SDPA_EQUIVALENTS, mutated_args=(3, 4),
-             routes=ATTENTION_ROUTES),
+             routes=ATTENTION_ROUTES, uses=("kv_cache_update", "causal_sdpa")),
     Question("rope_interleaved", ("x", "cos", "sin"), _rope_args, _rope_ref, ("refimpl.rope.apply_rope",),
              routes=ROPE_ROUTES),
+    Question("yarn_inv_freq", ("dim", "base", "scaling"), _yarn_freq_args, _yarn_freq_ref, YARN_FORBIDDEN,
+             atol=1e-12, rtol=1e-9),
+    Question("yarn_softmax_scale", ("qk_head_dim", "scaling"), _yarn_scale_args, _yarn_scale_ref, YARN_FORBIDDEN,
+             atol=1e-12, rtol=1e-9),
     Question("mla_latents", ("attn", "hidden_states", "start_pos"), _mla_latents_args, _mla_latents_ref,
              MLA_FORBIDDEN, routes=ROPE_ROUTES),
     Question("mla_decompress", ("attn", "c_kv"), _mla_decompress_args, _mla_decompress_ref, MLA_FORBIDDEN,
              routes=ATTENTION_ROUTES),
     Question("mla_absorbed", ("attn", "q_nope", "q_pe", "c_kv", "k_pe"), _mla_absorbed_args, _mla_absorbed_ref,
-             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES),
+             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES, memory_budget_mb=MLA_BUDGET_MB),
     Question("route_topk", ("gate", "x"), _route_args, _route_ref,
-             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert),
+             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
+             align=_in_answer_order),
     Question("route_group_limited", ("gate", "x"), _group_route_args, _route_ref,
-             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert),
+             ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
+             align=_in_answer_order),
     Question("moe_forward", ("moe", "hidden_states"), _moe_args, _moe_ref,
              tuple(f"refimpl.moe.{f}" for f in ("DeepSeekMoE.forward", "dispatch", "run_experts", "combine"))),
     Question("update_bias", ("bias", "load", "gamma"), _bias_args, _bias_ref, ("refimpl.moe.update_bias",),
              mutated_args=(0,), atol=1e-7, rtol=1e-6),
     Question("kv_bytes_per_token", ("config", "bytes_per_element"), _kv_bytes_args, _kv_bytes_ref,
-             ACCOUNTING_FORBIDDEN),
-    Question("activated_params", ("config",), _config_args, _activated_ref, ACCOUNTING_FORBIDDEN),
+             ACCOUNTING_FORBIDDEN, n_visible=4, n_hidden=4),
+    Question("activated_params", ("config",), _config_args, _activated_ref, ACCOUNTING_FORBIDDEN, n_visible=4,
+             n_hidden=4),
     Question("softmax_rows", ("x",), _softmax_args, _softmax_ref, SOFTMAX_EQUIVALENTS, triton=True,
              atol=1e-6, rtol=1e-5, call_timeout=60.0, routes=SOFTMAX_ROUTES),
     Question("mla_decode_block", ("q_latent", "q_pe", "c_kv", "k_pe", "scale"), _decode_block_args,
              _decode_block_ref, SOFTMAX_EQUIVALENTS + SDPA_EQUIVALENTS, triton=True, atol=1e-5, rtol=1e-4,
              call_timeout=60.0, routes=SOFTMAX_ROUTES + ATTENTION_ROUTES),
-]}
+] + PARALLELISM_QUESTIONS + SPLITKV_QUESTIONS + BALANCE_QUESTIONS}
+QUESTIONS.update({name: dataclasses.replace(QUESTIONS[name], mistakes=m) for name, m in MISTAKES.items()})
 
 
 # ---------------------------------------------------------------------------------------------------- fp8 (08_fp8)
@@ -466,6 +1074,11 @@ EXERCISES = {
     "06_kernels": Exercise(("softmax_rows", "mla_decode_block")),
     "07_mtp": Exercise(("mtp_combine", "mtp_loss", "verify_drafts"), ("refimpl.mtp",)),
     "08_fp8": Exercise(("quantize_1x128", "block_scaled_matmul")),
+    "09_parallelism": Exercise(("simulate_bubble", "index_scores", "select_topk")),
+    "10_balance_dispatch": Exercise(("expert_balance_loss", "sequence_balance_loss", "align_to_experts",
+                                     "dispatch_bytes")),
+    "11_yarn": Exercise(("yarn_inv_freq", "yarn_softmax_scale"), ("refimpl.config",)),
+    "12_gqa_splitkv": Exercise(("gqa_attention", "merge_splits")),
 }
 
 

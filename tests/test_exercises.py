@@ -105,8 +105,9 @@ def test_solutions_score_full_and_released_notebooks_zero(released, tmp_path):
 
 
 def test_hidden_cases_depend_on_the_seed_and_differ_from_the_visible_ones():
-    def fingerprint(cases):  # shapes and sums of every tensor argument, per case
-        return [tuple((tuple(a.shape), round(float(a.double().sum()), 4)) for a in args if isinstance(a, torch.Tensor))
+    def fingerprint(cases):  # shapes and sums of every tensor argument, plain data as written, per case
+        return [tuple((tuple(a.shape), round(float(a.double().sum()), 4)) if isinstance(a, torch.Tensor) else repr(a)
+                      for a in args if isinstance(a, (torch.Tensor, list, dict, int, float)))
                 for _, args in cases]
 
     for q in QUESTIONS.values():

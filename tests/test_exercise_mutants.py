@@ -1,0 +1,130 @@
+"""The mutant corpus (issue 22): wrong answers that a learner writes must fail the visible check and lose hidden
+points at every seed tried, and the right answers must pass both.
+
+Mutants: the common mistakes each question names (`exercises.questions.MISTAKES`, whose message the visible check
+must print) and the answers in tests/exercise_mutants/ (plain PyTorch and Triton). The hidden cases are compared
+here, in-process, with exercises.compare (as the grader compares what the sandbox sends back), each call under
+the question's memory budget as the sandbox's memory limit would refuse the naive MLA path.
+"""
+
+import dataclasses
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+
+from exercises import feedback
+from exercises.compare import mismatch
+from exercises.questions import MISTAKES, QUESTIONS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from exercise_mutants import answers, kernels  # noqa: E402
+
+SEEDS = (0, 1, 2, 3)  # instructor seeds: the stratified hidden cases catch every mutant at each
+MUTANTS = ([(name, f"mistake: {what}", fn, what) for name, ms in MISTAKES.items() for what, fn in ms
+            if not QUESTIONS[name].triton]
+           + [(name, what, fn, None) for name, what, fn in answers.MUTANTS]
+           + [(name, what, fn, None) for name, what, fn in kernels.MUTANTS])
+KERNEL_HINTS = {("softmax_rows", "no max subtracted"): "did not subtract the row max",
+                ("softmax_rows", "masked lanes loaded as 0.0"): "loaded the masked lanes as 0.0",
+                ("mla_decode_block", "no tail mask on the scores"): "did not mask the positions past kv_len",
+                ("mla_decode_block", "no scale"): "left out the scale"}
+
+
+@functools.cache
+def _hidden(name: str, seed: int) -> list:
+    """[(args, expected, expected mutated args)] of a question's hidden cases at a seed, computed once."""
+    question = QUESTIONS[name]
+    return [(args, *question.expected(args)) for _, args in question.cases(seed)]
+
+
+def _loses_hidden_points(name: str, fn, seed: int) -> bool:
+    question = QUESTIONS[name]
+    canon = question.canonical or (lambda x: x)
+    for args, expected, expected_mutated in _hidden(name, seed):
+        given = feedback.clone(args)
+        try:
+            with feedback.memory_budget(question.memory_budget_mb):
+                result = fn(*given)
+        except Exception:
+            return True
+        if mismatch(canon(result), canon(expected), "the result", question.atol, question.rtol):
+            return True
+        if any(mismatch(given[i], want, "", question.atol, question.rtol)
+               for i, want in zip(question.mutated_args, expected_mutated)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name, what, fn, hint", MUTANTS, ids=[f"{m[0]}: {m[1]}" for m in MUTANTS])
+def test_mutant_fails_the_visible_check_and_loses_hidden_points(name, what, fn, hint, monkeypatch):
+    # the mistakes' references may call refimpl: here only the values are judged (calls: tests/test_exercises.py)
+    monkeypatch.setitem(feedback.QUESTIONS, name, dataclasses.replace(QUESTIONS[name], forbidden=()))
+    with pytest.raises(AssertionError) as failed:
+        feedback.check(name, fn)
+    message = str(failed.value)
+    assert message.startswith(f"{name} fails the visible"), message
+    hint = hint or KERNEL_HINTS.get((name, what))
+    if hint:
+        assert f"this is the answer you get if you {hint}" in message, message
+    assert [s for s in SEEDS if _loses_hidden_points(name, fn, s)] == list(SEEDS)
+
+
+@pytest.mark.parametrize("name, fn", kernels.RIGHT_ANSWERS, ids=[n for n, _ in kernels.RIGHT_ANSWERS])
+def test_right_kernels_pass_the_visible_and_the_hidden_cases(name, fn):
+    feedback.check(name, fn)
+    assert not [s for s in SEEDS if _loses_hidden_points(name, fn, s)]
+
+
+def test_naive_mla_is_told_it_ran_out_of_memory():
+    with pytest.raises(AssertionError, match=r"mla_absorbed fails the visible \d case.*ran out of memory"):
+        feedback.check("mla_absorbed", answers.mla_absorbed_naive)
+
+
+def test_check_names_the_learners_line_and_a_failing_earlier_function():
+    def causal_sdpa(q, k, v):
+        return (q @ k.transpose(-2, -1)).softmax(-1) @ v  # no scale (and no mask)
+
+    def decode_step(q, k_new, v_new, cache_k, cache_v, pos):
+        cache_k[:, :, pos:pos + 1], cache_v[:, :, pos:pos + 1] = k_new, v_new
+        return causal_sdpa(q, cache_k[:, :, :pos + 1], cache_v[:, :, :pos + 1])
+
+    with pytest.raises(AssertionError, match="it calls your causal_sdpa, which fails its own check"):
+        feedback.check("decode_step", decode_step)
+
+    def rope_interleaved(x, cos, sin):
+        pairs = x.view(*x.shape[:-1], 2, -1)
+        return pairs[..., 0, :] * cos  # drops half the coordinates, multiplies by cos only
+
+    with pytest.raises(AssertionError, match=r"raised RuntimeError.*\(line \d+ of your code in rope_interleaved: "
+                                             r"`return pairs\[\.\.\., 0, :\] \* cos"):
+        feedback.check("rope_interleaved", lambda x, cos, sin: rope_interleaved(x, cos[:1].expand(3, -1), sin))
+
+
+def test_routing_message_reports_experts_in_the_learners_order():
+    def route_topk(gate, x):
+        scores = (x @ gate.weight.T).softmax(dim=-1)
+        weight, idx = scores.topk(gate.top_k, dim=-1)
+        weight = weight / weight.sum(-1, keepdim=True) if gate.norm_topk_prob else weight
+        weight[:, 0] += 0.5  # wrong in the learner's first slot
+        return idx, weight * gate.routed_scaling_factor
+
+    with pytest.raises(AssertionError, match=r"element 1 of the result is wrong at index \(0, 0\)"):
+        feedback.check("route_topk", route_topk)
+
+
+def test_merge_splits_reference_is_attention_over_the_whole_cache():
+    import torch
+
+    from exercises.questions import _split_ref
+    from refimpl.attention import scaled_dot_product_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=torch.float64) for n in (1, 11, 11))
+    scores = (q @ k.transpose(-2, -1))[:, :, 0] * 8 ** -0.5  # [b, h, 11]
+    parts = [(s, val) for s, val in zip(scores.split([4, 0, 7], -1), v.split([4, 0, 7], -2))]
+    lses = torch.stack([s.logsumexp(-1) for s, _ in parts])
+    outs = torch.stack([(s.softmax(-1)[..., None] * val).sum(-2) for s, val in parts])  # empty part: zeros
+    whole = scaled_dot_product_attention(q, k, v)[:, :, 0]
+    assert torch.allclose(_split_ref(outs.float(), lses.float()).double(), whole, atol=1e-6)
