@@ -60,7 +60,7 @@ class Echo(torch.nn.Module):
     def new_caches(self, batch_size, max_len):
         return [None]
 
-    def forward(self, input_ids, start_pos=0, caches=None, attention_mask=None):
+    def forward(self, input_ids, start_pos=0, caches=None, attention_mask=None, logits_to_keep=None):
         self.masks.append(attention_mask.clone())
         return torch.nn.functional.one_hot((input_ids + 1) % self.config.vocab_size, self.config.vocab_size).float()
 
