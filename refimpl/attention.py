@@ -345,6 +345,19 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # [batch, seq, heads * head_dim]
         return self.o_proj(out)  # [batch, seq, hidden]
 
+    def fill_cache(self, hidden_states: torch.Tensor, start_pos: int, cache: KVCache,
+                   attention_mask: torch.Tensor | None = None) -> None:
+        """Write the keys and values of hidden_states [batch, seq, hidden] (positions start_pos ...
+        start_pos + seq - 1) into the cache without attending: what `forward` stores, for tokens whose output
+        nobody reads. attention_mask: [batch, start_pos + seq] or None, as in `forward` (it sets positions)."""
+        check_shape("hidden_states", hidden_states, (cache.batch_size, None, self.hidden_size))
+        batch, seq, _ = hidden_states.shape
+        positions = position_ids(attention_mask, start_pos, seq, hidden_states.device)  # [seq] or [batch, seq]
+        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)
+        k = self.k_proj(hidden_states).view(batch, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        cache.update(apply_rope(k, cos, sin, interleaved=False), v, start_pos)
+
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty cache for this layer, with the module's dtype and device."""
         weight = self.q_proj.weight

@@ -29,7 +29,7 @@ from refimpl.checkpoint import load_pretrained
 from refimpl.checks import check_token_ids
 from refimpl.config import ModelConfig, check_config
 from refimpl.generation import generate
-from refimpl.model import _init_weights, keep_last
+from refimpl.model import _init_weights, check_logits_to_keep, forward_last_positions
 from refimpl.moe import MLP
 from refimpl.norm import RMSNorm
 
@@ -58,10 +58,16 @@ class DenseModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, start_pos: int = 0, caches: list[KVCache] | None = None,
-                attention_mask: torch.Tensor | None = None, sdpa: bool = False):
+                attention_mask: torch.Tensor | None = None, sdpa: bool = False, keep: int | None = None):
+        """-> [batch, seq, hidden]; [batch, keep, hidden] if `keep` and caches are given: the last layer then
+        runs only the last `keep` positions (`refimpl.model.forward_last_positions`)."""
         x = self.embed_tokens(input_ids)  # [batch, seq, hidden]
         for i, layer in enumerate(self.layers):
-            x = layer(x, start_pos, None if caches is None else caches[i], attention_mask, sdpa)
+            cache = None if caches is None else caches[i]
+            if i == len(self.layers) - 1 and cache is not None and keep is not None and keep < x.shape[1]:
+                x = forward_last_positions(layer, x, keep, start_pos, cache, attention_mask, sdpa=sdpa)
+            else:
+                x = layer(x, start_pos, cache, attention_mask, sdpa)
         return self.norm(x)
 
 
@@ -94,15 +100,16 @@ class DenseForCausalLM(nn.Module):
         [batch, start_pos + seq], covering the cached tokens too), 1 = token, 0 = left padding.
         sdpa: False, the written-out attention (the reference); True, PyTorch's fused kernel
         (`refimpl.attention.fused_attention`: memory linear in the context). logits_to_keep: None (all
-        positions) or k >= 1, the last k only ([batch, k, vocab]; `refimpl.model.keep_last`).
+        positions) or k >= 1, the last k only ([batch, k, vocab]; as in `refimpl.model.DeepSeekForCausalLM`).
         """
         check_token_ids("input_ids", input_ids, self.config.vocab_size)
         if caches is not None and len(caches) != self.config.num_hidden_layers:
             raise ValueError(f"caches: expected one per layer ({self.config.num_hidden_layers}), got {len(caches)}")
         if not isinstance(sdpa, bool):
             raise TypeError(f"sdpa: expected True or False, got {sdpa!r}")
-        hidden = self.model(input_ids, start_pos, caches, attention_mask, sdpa)  # [batch, seq, hidden]
-        return self.lm_head(keep_last(hidden, logits_to_keep))
+        check_logits_to_keep(logits_to_keep)
+        hidden = self.model(input_ids, start_pos, caches, attention_mask, sdpa, logits_to_keep)
+        return self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # [batch, seq or k, vocab]
 
     def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
         """One empty KVCache per layer, for `max_len` tokens."""

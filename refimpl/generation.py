@@ -7,7 +7,7 @@
 A model plugs in with three things: `model.config` (a `refimpl.config.ModelConfig`), `model.new_caches(batch,
 max_len)` (one cache per layer) and `model(input_ids, start_pos=, caches=, attention_mask=, logits_to_keep=1,
 **forward_kwargs) -> logits [batch, 1, vocab]`, the logits of the last position (the output head of a long
-prompt is then one row: `refimpl.model.keep_last`).
+prompt is then one row, and its last layer runs one position: `refimpl.model.forward_last_positions`).
 
 Batches of prompts of different lengths are left-padded, as transformers' decoder-only models are: an
 `attention_mask` [batch, prompt_len] (1 = token, 0 = padding) keeps the padding out of attention and gives each

@@ -204,6 +204,18 @@ class MultiHeadLatentAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim)  # [o_t,1; ...; o_t,n_h]
         return self.o_proj(out)  # eq 19: [batch, seq, hidden]
 
+    def fill_cache(self, hidden_states: torch.Tensor, start_pos: int, cache: MLACache,
+                   attention_mask: torch.Tensor | None = None) -> None:
+        """Write the latents of hidden_states [batch, seq, hidden] (positions start_pos ... start_pos + seq - 1)
+        into the cache without attending: what `forward` stores, for tokens whose output nobody reads (the
+        last layer of a prefill needs the output of the last token only; later tokens still attend to all).
+        attention_mask: [batch, start_pos + seq] or None, as in `forward` (it sets the RoPE positions)."""
+        check_shape("hidden_states", hidden_states, (cache.batch_size, None, self.hidden_size))
+        seq = hidden_states.shape[1]
+        positions = position_ids(attention_mask, start_pos, seq, hidden_states.device)  # [seq] or [batch, seq]
+        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)
+        cache.update(*self._latents(hidden_states, cos, sin), start_pos)
+
     def new_cache(self, batch_size: int, max_len: int) -> MLACache:
         """An empty latent cache for this layer, with the module's dtype and device."""
         weight = self.kv_a_proj_with_mqa.weight
