@@ -18,6 +18,11 @@ DeepSeek-V2 (section 2.1) compares these with its own answer, Multi-head Latent 
 
 Parameter names are those of Llama checkpoints (`q_proj`, `k_proj`, `v_proj`, `o_proj`), and RoPE uses Llama's
 half-split layout (`refimpl.rope`).
+
+`scaled_dot_product_attention` writes the attention out (the q_len x kv_len score matrix, then the softmax): the
+reference every other path is checked against. `fused_attention` computes the same through PyTorch's fused
+kernel without that matrix, in memory linear in the context: the path generation takes (`Attention(...,
+sdpa=True)`, MLA's mode "naive_sdpa").
 """
 
 from __future__ import annotations
