@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(run_one(**json.loads(args.worker))))
         return {}
 
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        parser.error("transformers is not installed: the benchmark compares with it (pip install 'transformers>=5')")
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
     new_tokens = args.new_tokens or (4 if args.quick else 16)
     if new_tokens < 2 or min(lengths) < 1:
