@@ -218,19 +218,20 @@ def summarize(runs: list[dict], bandwidth: float, quick: bool, new_tokens: int) 
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table; '-' where transformers did not run."""
-    head = ("| model | prompt | prefill s (ours / HF) | prefill speedup | decode ms/token (ours / HF) | "
-            "decode speedup | floor ms | ours / floor | peak RSS GB (ours / HF) | same tokens |")
-    lines = [head, "|" + "---|" * 10]
+    lines = ["| model | prompt | prefill s (ours / HF) | prefill speedup | decode ms/token (ours / HF) | "
+             "decode speedup | floor ms | ours / floor | peak RSS GB (ours / HF) | same tokens |",
+             "|" + "---|" * 10]
     for r in rows:
         hf = "hf_prefill_s" in r
-        lines.append(
-            f"| {r['family']} | {r['length']} | {r['prefill_s']:.2f} / {r['hf_prefill_s']:.2f} | "
-            f"{r['prefill_speedup']:.2f}x | " if hf else
-            f"| {r['family']} | {r['length']} | {r['prefill_s']:.2f} / - | - | ")
-        lines[-1] += (f"{r['decode_ms']:.1f} / {r['hf_decode_ms']:.1f} | {r['decode_speedup']:.2f}x | " if hf else
-                      f"{r['decode_ms']:.1f} / - | - | ")
-        lines[-1] += (f"{r['floor_ms']:.1f} | {r['decode_over_floor']:.2f} | {r['peak_rss_gb']:.2f} / "
-                      + (f"{r['hf_peak_rss_gb']:.2f} | {'yes' if r['same_tokens'] else 'no'} |" if hf else "- | - |"))
+        cells = [r["family"], str(r["length"]),
+                 f"{r['prefill_s']:.2f} / " + (f"{r['hf_prefill_s']:.2f}" if hf else "-"),
+                 f"{r['prefill_speedup']:.2f}x" if hf else "-",
+                 f"{r['decode_ms']:.1f} / " + (f"{r['hf_decode_ms']:.1f}" if hf else "-"),
+                 f"{r['decode_speedup']:.2f}x" if hf else "-",
+                 f"{r['floor_ms']:.1f}", f"{r['decode_over_floor']:.2f}",
+                 f"{r['peak_rss_gb']:.2f} / " + (f"{r['hf_peak_rss_gb']:.2f}" if hf else "-"),
+                 ("yes" if r["same_tokens"] else "no") if hf else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
