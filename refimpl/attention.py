@@ -18,11 +18,17 @@ DeepSeek-V2 (section 2.1) compares these with its own answer, Multi-head Latent 
 
 Parameter names are those of Llama checkpoints (`q_proj`, `k_proj`, `v_proj`, `o_proj`), and RoPE uses Llama's
 half-split layout (`refimpl.rope`).
+
+`scaled_dot_product_attention` writes the attention out (the q_len x kv_len score matrix, then the softmax): the
+reference every other path is checked against. `fused_attention` computes the same through PyTorch's fused
+kernel without that matrix, in memory linear in the context: the path generation takes (`Attention(...,
+sdpa=True)`, MLA's mode "naive_sdpa").
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from refimpl.checks import check_int, check_same_dtype_device, check_shape, check_tensor
@@ -155,6 +161,60 @@ def decoder_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
     return (allowed & is_token) | causal_mask(q_len, kv_len, device, sliding_window=1)  # a query's own key
 
 
+QUERY_CHUNK = 1024  # queries per fused call when a mask is needed: the mask is QUERY_CHUNK x kv_len bools
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    attention_mask: torch.Tensor | None = None,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """A decoder's attention through PyTorch's fused kernel (torch.nn.functional.scaled_dot_product_attention,
+    flash attention on CPU and GPU), in memory linear in kv_len: the engine's path for long prompts.
+
+    Equals `scaled_dot_product_attention(q, k, v, decoder_mask(attention_mask, q_len, kv_len, sliding_window),
+    scale)` up to float rounding, which writes the seq x kv_len score matrix out and stays the reference.
+    q: [batch, heads, q_len, d], k: [batch, kv_heads, kv_len, d], v: [batch, kv_heads, kv_len, d_v], the
+    queries being the last q_len of the kv_len positions; kv_heads divides heads (GQA: query head h reads
+    key/value head h // (heads // kv_heads)) -> [batch, heads, q_len, d_v].
+    attention_mask: [batch, kv_len], 1 = token, 0 = left padding (checked by the caller).
+
+    Three things the fused kernels need:
+      * equal head dims: on CPU they refuse d_v != d (MLA: 192 and 128) and fall back to the quadratic math
+        path, so v is padded with zeros to d and the output cut back to d_v;
+      * a bottom-right causal mask: `is_causal=True` aligns the queries with the *first* q_len keys, right
+        only when q_len == kv_len; otherwise (a cached prefix, padding, a window) an explicit mask;
+      * no score matrix: the explicit masks are built for QUERY_CHUNK queries at a time, each chunk reading
+        only the keys up to its last query (later ones are masked anyway).
+    """
+    batch, heads, q_len, d = q.shape
+    kv_heads, kv_len, d_v = k.shape[1], k.shape[2], v.shape[-1]
+    if d_v != d:
+        v = F.pad(v, (0, d - d_v))  # [batch, kv_heads, kv_len, d]
+    if attention_mask is None and sliding_window is None and q_len == kv_len:
+        n_rep = heads // kv_heads
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=True,
+                                             scale=scale)  # [batch, heads, q_len, d]
+        return out[..., :d_v]
+    chunks = [_fused_masked_chunk(q[:, :, i:i + QUERY_CHUNK], k, v, scale, attention_mask, sliding_window,
+                                  kv_end=kv_len - q_len + min(i + QUERY_CHUNK, q_len))
+              for i in range(0, q_len, QUERY_CHUNK)]
+    return torch.cat(chunks, dim=2)[..., :d_v]  # [batch, heads, q_len, d_v]
+
+
+def _fused_masked_chunk(q, k, v, scale, attention_mask, sliding_window, kv_end: int) -> torch.Tensor:
+    """Queries q: [batch, heads, c, d], the last c of positions 0 ... kv_end - 1, against those keys, with
+    `decoder_mask`. The heads sharing a key/value head are stacked along the query axis (no copy of the
+    keys and values): [batch, kv_heads, n_rep * c, d] -> [batch, heads, c, d]."""
+    batch, heads, c, d = q.shape
+    kv_heads = k.shape[1]
+    n_rep = heads // kv_heads
+    mask = decoder_mask(None if attention_mask is None else attention_mask[:, :kv_end], c, kv_end,
+                        sliding_window, q.device)  # [batch or 1, 1, c, kv_end]
+    q = q.reshape(batch, kv_heads, n_rep * c, d)  # row r * c + i: query i of head g * n_rep + r
+    out = F.scaled_dot_product_attention(q, k[:, :, :kv_end], v[:, :, :kv_end], attn_mask=mask.repeat(1, 1, n_rep, 1),
+                                         scale=scale)  # [batch, kv_heads, n_rep * c, d]
+    return out.view(batch, heads, c, d)
+
+
 def _check_mask(mask, q: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int) -> None:
     check_tensor("mask", mask)
     if mask.dtype != torch.bool:
@@ -173,7 +233,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     g * n_rep ... g * n_rep + n_rep - 1 (consecutive, as in Llama and the GQA paper)."""
     check_tensor("x", x, ndim=4)
     check_int("n_rep", n_rep, 1)
-    return x.repeat_interleave(n_rep, dim=1)
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
 class KVCache:
@@ -246,7 +306,7 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window  # Mistral; None: every earlier token
 
     def forward(self, hidden_states: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, sdpa: bool = False) -> torch.Tensor:
         """hidden_states: [batch, seq, hidden] at positions start_pos ... start_pos + seq - 1 -> [batch, seq, hidden].
 
         With a cache: the new keys and values are written into it and the queries attend, causally, to every
@@ -256,6 +316,8 @@ class Attention(nn.Module):
         With `sliding_window` in the config, a query sees only the last sliding_window keys (`causal_mask`); the
         cache still keeps every token and the mask does the windowing (simplest correct; Mistral's rolling
         buffer cache, section 2 of its paper, would keep only the last sliding_window keys and values).
+        sdpa: False (default), the written-out `scaled_dot_product_attention` (the reference); True, PyTorch's
+        fused kernel through `fused_attention` (the same result up to rounding, memory linear in kv_len).
         """
         check_shape("hidden_states", hidden_states, (None, None, self.hidden_size))
         check_same_dtype_device("hidden_states", hidden_states, self.q_proj.weight)
@@ -277,12 +339,29 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin, interleaved=False)
         if cache is not None:
             k, v = cache.update(k, v, start_pos)  # [batch, kv_heads, start_pos + seq, head_dim]
-        k = repeat_kv(k, self.num_key_value_groups)  # [batch, heads, kv_len, head_dim]
-        v = repeat_kv(v, self.num_key_value_groups)
-        mask = decoder_mask(attention_mask, seq, kv_len, self.sliding_window, hidden_states.device)
-        out = scaled_dot_product_attention(q, k, v, mask, scale=self.softmax_scale)  # [batch, heads, seq, head_dim]
+        if sdpa:
+            out = fused_attention(q, k, v, self.softmax_scale, attention_mask, self.sliding_window)
+        else:
+            k = repeat_kv(k, self.num_key_value_groups)  # [batch, heads, kv_len, head_dim]
+            v = repeat_kv(v, self.num_key_value_groups)
+            mask = decoder_mask(attention_mask, seq, kv_len, self.sliding_window, hidden_states.device)
+            out = scaled_dot_product_attention(q, k, v, mask, scale=self.softmax_scale)
+        # out: [batch, heads, seq, head_dim]
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)  # [batch, seq, heads * head_dim]
         return self.o_proj(out)  # [batch, seq, hidden]
+
+    def fill_cache(self, hidden_states: torch.Tensor, start_pos: int, cache: KVCache,
+                   attention_mask: torch.Tensor | None = None) -> None:
+        """Write the keys and values of hidden_states [batch, seq, hidden] (positions start_pos ...
+        start_pos + seq - 1) into the cache without attending: what `forward` stores, for tokens whose output
+        nobody reads. attention_mask: [batch, start_pos + seq] or None, as in `forward` (it sets positions)."""
+        check_shape("hidden_states", hidden_states, (cache.batch_size, None, self.hidden_size))
+        batch, seq, _ = hidden_states.shape
+        positions = position_ids(attention_mask, start_pos, seq, hidden_states.device)  # [seq] or [batch, seq]
+        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)
+        k = self.k_proj(hidden_states).view(batch, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(batch, seq, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        cache.update(apply_rope(k, cos, sin, interleaved=False), v, start_pos)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty cache for this layer, with the module's dtype and device."""

@@ -18,6 +18,7 @@ Module names are those of Hugging Face Llama / Mistral checkpoints (`model.embed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from refimpl.checkpoint import load_pretrained
 from refimpl.checks import check_token_ids
 from refimpl.config import ModelConfig, check_config
 from refimpl.generation import generate
-from refimpl.model import _init_weights
+from refimpl.model import _init_weights, check_logits_to_keep, forward_last_positions
 from refimpl.moe import MLP
 from refimpl.norm import RMSNorm
 
@@ -42,8 +43,8 @@ class DenseDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, start_pos: int = 0, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), start_pos, cache, attention_mask)  # [batch, seq, hidden]
+                attention_mask: torch.Tensor | None = None, sdpa: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, cache, attention_mask, sdpa)  # [batch, seq, hidden]
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -57,10 +58,16 @@ class DenseModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, start_pos: int = 0, caches: list[KVCache] | None = None,
-                attention_mask: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, sdpa: bool = False, keep: int | None = None):
+        """-> [batch, seq, hidden]; [batch, keep, hidden] if `keep` and caches are given: the last layer then
+        runs only the last `keep` positions (`refimpl.model.forward_last_positions`)."""
         x = self.embed_tokens(input_ids)  # [batch, seq, hidden]
         for i, layer in enumerate(self.layers):
-            x = layer(x, start_pos, None if caches is None else caches[i], attention_mask)
+            cache = None if caches is None else caches[i]
+            if i == len(self.layers) - 1 and cache is not None and keep is not None and keep < x.shape[1]:
+                x = forward_last_positions(layer, x, keep, start_pos, cache, attention_mask, sdpa=sdpa)
+            else:
+                x = layer(x, start_pos, cache, attention_mask, sdpa)
         return self.norm(x)
 
 
@@ -85,16 +92,24 @@ class DenseForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, start_pos: int = 0, caches: list[KVCache] | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, sdpa: bool = False,
+                logits_to_keep: int | None = None) -> torch.Tensor:
         """input_ids: [batch, seq] -> logits [batch, seq, vocab] (float, the model's dtype; seq may be 0).
 
         With caches, input_ids start at `start_pos`. attention_mask: [batch, seq] (with caches:
         [batch, start_pos + seq], covering the cached tokens too), 1 = token, 0 = left padding.
+        sdpa: False, the written-out attention (the reference); True, PyTorch's fused kernel
+        (`refimpl.attention.fused_attention`: memory linear in the context). logits_to_keep: None (all
+        positions) or k >= 1, the last k only ([batch, k, vocab]; as in `refimpl.model.DeepSeekForCausalLM`).
         """
         check_token_ids("input_ids", input_ids, self.config.vocab_size)
         if caches is not None and len(caches) != self.config.num_hidden_layers:
             raise ValueError(f"caches: expected one per layer ({self.config.num_hidden_layers}), got {len(caches)}")
-        return self.lm_head(self.model(input_ids, start_pos, caches, attention_mask))
+        if not isinstance(sdpa, bool):
+            raise TypeError(f"sdpa: expected True or False, got {sdpa!r}")
+        check_logits_to_keep(logits_to_keep)
+        hidden = self.model(input_ids, start_pos, caches, attention_mask, sdpa, logits_to_keep)
+        return self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # [batch, seq or k, vocab]
 
     def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
         """One empty KVCache per layer, for `max_len` tokens."""
@@ -102,10 +117,13 @@ class DenseForCausalLM(nn.Module):
 
     def generate(self, input_ids, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
                  temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | list[int] | None = None, sdpa: bool = True,
+                 on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Greedy (temperature 0, the default) or sampled continuation: [batch, prompt] -> [batch, prompt + new],
-        with the KV cache. The loop and its arguments: `refimpl.generation.generate`."""
-        return generate(self, input_ids, max_new_tokens, attention_mask, temperature, top_k, seed, eos_token_id)
+        with the KV cache; sdpa: the attention of every call (True, default: PyTorch's fused kernel; False:
+        the written-out reference). The loop and the other arguments: `refimpl.generation.generate`."""
+        return generate(self, input_ids, max_new_tokens, attention_mask, temperature, top_k, seed, eos_token_id,
+                        on_token=on_token, sdpa=sdpa)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,

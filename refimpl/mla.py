@@ -39,6 +39,12 @@ k_t^R = RoPE(W^KR h_t) (15) shared by all heads (as in MQA), cached after rotati
 Two equal paths are implemented, selected by `mode`:
   * "naive": decompress every cached latent into per-head keys and values (eqs 10, 11, 17), then attend;
   * "absorbed": attend in latent space as above (what DeepSeek-V3's own inference code does).
+Both write the attention out (the score matrix, then the softmax): the readable reference. A third mode is the
+naive path's keys and values through PyTorch's fused kernel (`refimpl.attention.fused_attention`):
+  * "naive_sdpa": memory linear in the context, and the fastest way to prefill a prompt.
+Which is fastest depends on the call (`auto_mode`): the absorbed path's cost grows with queries x cached tokens
+x kv_lora_rank, the naive path's with cached tokens x the decompression (kv_lora_rank x heads x (d_h + d_v)), so
+decoding (few new tokens) is cheaper absorbed, a prompt naive.
 
 Names follow the checkpoints: `kv_a_proj_with_mqa` holds W^DKV stacked over W^KR ("with MQA": the shared RoPE
 key), `kv_b_proj` holds W^UK_i and W^UV_i interleaved per head, `q_b_proj` (or `q_proj`) holds W^UQ_i and
@@ -55,13 +61,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from refimpl.attention import check_attention_mask, decoder_mask, position_ids, scaled_dot_product_attention
+from refimpl.attention import (check_attention_mask, decoder_mask, fused_attention, position_ids,
+                                scaled_dot_product_attention)
 from refimpl.checks import check_int, check_same_dtype_device, check_shape
 from refimpl.config import ModelConfig, check_config
 from refimpl.norm import RMSNorm
 from refimpl.rope import RotaryEmbedding, apply_rope, softmax_scale
 
-MODES = ("naive", "absorbed")
+MODES = ("naive", "absorbed", "naive_sdpa")
+
+
+def auto_mode(config: ModelConfig, seq: int) -> str:
+    """The faster MLA path for `seq` new tokens (per cached token, multiply-adds per layer):
+
+        absorbed:   seq x heads x (2 kv_lora_rank + qk_rope_head_dim)    scores on c^KV and k^R, sum of c^KV
+        naive_sdpa: heads x kv_lora_rank x (qk_nope_head_dim + v_head_dim)   decompressing k^C and v^C
+                    + seq x heads x (qk_nope + qk_rope + v_head_dim)      attention
+
+    -> "absorbed" when its count is the smaller (DeepSeek-V2-Lite's dims: seq <= 170), else "naive_sdpa".
+    """
+    c = config
+    absorbed = seq * c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+    naive = c.num_attention_heads * (c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim)
+                                     + seq * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim))
+    return "absorbed" if absorbed <= naive else "naive_sdpa"
 
 
 class MLACache:
@@ -151,7 +174,8 @@ class MultiHeadLatentAttention(nn.Module):
         position up to their own. Without: causal attention within hidden_states.
         attention_mask: [batch, kv_len] (kv_len = start_pos + seq with a cache, seq without), 1 = token,
         0 = left padding: padding is not attended to and positions count tokens only
-        (`refimpl.attention.position_ids`), on both paths.
+        (`refimpl.attention.position_ids`), on every path.
+        mode: one of MODES (see the module docstring); all give the same output up to float rounding.
         """
         check_shape("hidden_states", hidden_states, (None, None, self.hidden_size))
         check_same_dtype_device("hidden_states", hidden_states, self.kv_a_proj_with_mqa.weight)
@@ -171,13 +195,26 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = self._latents(hidden_states, cos, sin)  # [batch, seq, kv_lora_rank / qk_rope_head_dim]
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe, start_pos)  # [batch, start_pos + seq, ...]
-        mask = decoder_mask(attention_mask, seq, kv_len, device=hidden_states.device)  # [batch or 1, 1, seq, kv_len]
-        if mode == "naive":
-            out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)  # [batch, heads, seq, v_head_dim]
+        if mode == "naive_sdpa":
+            out = self._attend_naive_sdpa(q_nope, q_pe, c_kv, k_pe, attention_mask)
         else:
-            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            mask = decoder_mask(attention_mask, seq, kv_len, device=hidden_states.device)  # [batch or 1, 1, seq, kv_len]
+            attend = self._attend_naive if mode == "naive" else self._attend_absorbed
+            out = attend(q_nope, q_pe, c_kv, k_pe, mask)  # [batch, heads, seq, v_head_dim]
         out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim)  # [o_t,1; ...; o_t,n_h]
         return self.o_proj(out)  # eq 19: [batch, seq, hidden]
+
+    def fill_cache(self, hidden_states: torch.Tensor, start_pos: int, cache: MLACache,
+                   attention_mask: torch.Tensor | None = None) -> None:
+        """Write the latents of hidden_states [batch, seq, hidden] (positions start_pos ... start_pos + seq - 1)
+        into the cache without attending: what `forward` stores, for tokens whose output nobody reads (the
+        last layer of a prefill needs the output of the last token only; later tokens still attend to all).
+        attention_mask: [batch, start_pos + seq] or None, as in `forward` (it sets the RoPE positions)."""
+        check_shape("hidden_states", hidden_states, (cache.batch_size, None, self.hidden_size))
+        seq = hidden_states.shape[1]
+        positions = position_ids(attention_mask, start_pos, seq, hidden_states.device)  # [seq] or [batch, seq]
+        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)
+        cache.update(*self._latents(hidden_states, cos, sin), start_pos)
 
     def new_cache(self, batch_size: int, max_len: int) -> MLACache:
         """An empty latent cache for this layer, with the module's dtype and device."""
@@ -225,6 +262,18 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe: [batch, kv_len, qk_rope], mask: bool [batch or 1, 1, seq, kv_len] (`refimpl.attention.decoder_mask`)
         -> [batch, heads, seq, v_head_dim].
         """
+        q, k, v = self._decompress(q_nope, q_pe, c_kv, k_pe)
+        return scaled_dot_product_attention(q, k, v, mask, scale=self.softmax_scale)
+
+    def _attend_naive_sdpa(self, q_nope, q_pe, c_kv, k_pe, attention_mask) -> torch.Tensor:
+        """`_attend_naive` through PyTorch's fused attention (`refimpl.attention.fused_attention`): no score
+        matrix. attention_mask: [batch, kv_len] or None (1 = token, 0 = left padding); the rest as there."""
+        q, k, v = self._decompress(q_nope, q_pe, c_kv, k_pe)
+        return fused_attention(q, k, v, self.softmax_scale, attention_mask)
+
+    def _decompress(self, q_nope, q_pe, c_kv, k_pe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The naive path's per-head queries, keys and values (eqs 10, 11, 16, 17): q: [batch, heads, seq,
+        qk_nope + qk_rope], k: [batch, heads, kv_len, qk_nope + qk_rope], v: [batch, heads, kv_len, v_head_dim]."""
         batch, kv_len, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(batch, kv_len, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         kv = kv.transpose(1, 2)  # [batch, heads, kv_len, qk_nope + v_head_dim]
@@ -232,7 +281,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe = k_pe.unsqueeze(1).expand(-1, self.num_heads, -1, -1)  # the one k^R, for every head
         q = torch.cat((q_nope, q_pe), dim=-1)  # eq 16: [batch, heads, seq, qk_nope + qk_rope]
         k = torch.cat((k_nope, k_pe), dim=-1)  # eq 17: [batch, heads, kv_len, qk_nope + qk_rope]
-        return scaled_dot_product_attention(q, k, v, mask, scale=self.softmax_scale)
+        return q, k, v
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         """Attend in latent space: W^UK folded into the query, W^UV applied after the weighted sum.

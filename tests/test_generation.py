@@ -60,7 +60,7 @@ class Echo(torch.nn.Module):
     def new_caches(self, batch_size, max_len):
         return [None]
 
-    def forward(self, input_ids, start_pos=0, caches=None, attention_mask=None):
+    def forward(self, input_ids, start_pos=0, caches=None, attention_mask=None, logits_to_keep=None):
         self.masks.append(attention_mask.clone())
         return torch.nn.functional.one_hot((input_ids + 1) % self.config.vocab_size, self.config.vocab_size).float()
 
@@ -113,3 +113,70 @@ def test_pick_next_token_greedy_top_k_and_seed():
     assert set(draws.tolist()) == {1, 2}  # only the 2 best, both drawn
     again = pick_next_token(logits.repeat(50, 1), 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)
+
+
+# ---------------------------------------------------------------------------- hostile sampling arguments
+LOGITS = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]] * 400)  # the two best: tokens 1 and 2
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])  # logits / T overflows float32 (and float64)
+def test_a_tiny_temperature_is_greedy(temperature):
+    draws = pick_next_token(LOGITS, temperature, generator=torch.Generator().manual_seed(0))
+    assert draws.tolist() == [1] * 400
+
+
+@pytest.mark.parametrize("temperature", [1e39, 1e300])  # above float32's max: every scaled logit would be 0
+def test_a_huge_temperature_with_top_k_samples_the_top_k_only(temperature):
+    draws = pick_next_token(LOGITS, temperature, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {1, 2}  # top-k before the division: the ties it makes are among the top 2
+    everything = pick_next_token(LOGITS, temperature, generator=torch.Generator().manual_seed(0))
+    assert set(everything.tolist()) == {0, 1, 2, 3, 4}  # no top_k: uniform over the vocabulary
+
+
+@pytest.mark.parametrize("temperature, error", [(float("inf"), ValueError), (float("nan"), ValueError),
+                                                (-1e-3, ValueError), ("0.8", TypeError), (True, TypeError)])
+def test_bad_temperatures_are_named(echo, temperature, error):
+    with pytest.raises(error, match="temperature: expected"):
+        generate(echo, torch.tensor([[1, 2]]), 2, temperature=temperature)
+
+
+def test_sampled_generation_with_extreme_temperatures_runs(echo):
+    prompt = torch.tensor([[1, 2]])
+    assert generate(echo, prompt, 3, temperature=1e-40, seed=0).tolist() == [[1, 2, 3, 4, 5]]
+    out = generate(echo, prompt, 3, temperature=1e39, top_k=3, seed=0)  # uniform over the 3 best: 1 one-hot
+    assert out.shape == (1, 5)
+
+
+def test_eos_token_id_may_be_a_list(echo):
+    # Echo continues 4, 5, 6, 7, ...: stop at whichever eos comes first, then repeat it
+    out = generate(echo, torch.tensor([[3], [5]]), 6, eos_token_id=[9, 6])
+    assert out.tolist() == [[3, 4, 5, 6], [5, 6, 6, 6]]  # stops once every row has an eos
+    assert generate(echo, torch.tensor([[3]]), 6, eos_token_id=(9, 6)).tolist() == [[3, 4, 5, 6]]
+    assert generate(echo, torch.tensor([[3]]), 6, eos_token_id=[]).tolist() == [[3, 4, 5, 6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize("eos, error, match", [
+    ("2", TypeError, "eos_token_id: expected an int, a list of ints or None, got '2'"),
+    (2.0, TypeError, "eos_token_id: expected an int, a list of ints or None, got 2.0"),
+    ([2, "3"], TypeError, r"eos_token_id: expected an int, a list of ints or None, got \[2, '3'\]"),
+    ({2}, TypeError, r"eos_token_id: expected an int, a list of ints or None, got \{2\}"),
+    ([2, 10], ValueError, r"eos_token_id: expected ids in 0..9 \(vocab_size 10\), got \[2, 10\]"),
+])
+def test_bad_eos_token_ids_are_named(echo, eos, error, match):
+    with pytest.raises(error, match=match):
+        generate(echo, torch.tensor([[1]]), 2, eos_token_id=eos)
+
+
+def test_seeds_up_to_64_bits(echo):
+    prompt = torch.tensor([[1]])
+    generate(echo, prompt, 2, temperature=1.0, seed=2 ** 64 - 1)
+    with pytest.raises(ValueError, match=r"seed: expected an int in 0..2\*\*64 - 1 \(a 64-bit seed\), got 18446744073709551616"):
+        generate(echo, prompt, 2, temperature=1.0, seed=2 ** 64)
+    with pytest.raises(ValueError, match="seed: expected an int >= 0"):
+        generate(echo, prompt, 2, temperature=1.0, seed=-1)
+
+
+def test_on_token_sees_each_step(echo):
+    seen = []
+    out = generate(echo, torch.tensor([[1], [4]]), 3, on_token=lambda t: seen.append(t.tolist()))
+    assert seen == [[2, 5], [3, 6], [4, 7]] and out[:, 1:].T.tolist() == seen

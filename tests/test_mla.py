@@ -329,7 +329,7 @@ def test_bad_hidden_states_raise(small):
 
 def test_unknown_mode_raises(small):
     config, attn = small
-    with pytest.raises(ValueError, match=r"mode: expected one of \('naive', 'absorbed'\), got 'latent'"):
+    with pytest.raises(ValueError, match=r"mode: expected one of \('naive', 'absorbed', 'naive_sdpa'\), got 'latent'"):
         attn(_x(config), mode="latent")
 
 
