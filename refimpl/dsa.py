@@ -43,7 +43,7 @@ from torch import nn
 from refimpl.attention import check_attention_mask, decoder_mask, position_ids
 from refimpl.checks import check_int, check_shape
 from refimpl.config import ModelConfig, check_config
-from refimpl.mla import MLACache, MultiHeadLatentAttention
+from refimpl.mla import MODES, MLACache, MultiHeadLatentAttention
 from refimpl.model import DeepSeekForCausalLM, _init_weights
 from refimpl.rope import apply_rope
 
@@ -218,6 +218,8 @@ class SparseMLA(MultiHeadLatentAttention):
                 mode: str = "absorbed", attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         check_shape("hidden_states", hidden_states, (None, None, self.hidden_size))
         check_int("start_pos", start_pos, 0)
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         batch, seq, _ = hidden_states.shape
         if cache is not None and not isinstance(cache, DSACache):
             raise TypeError(f"cache: expected a DSACache (SparseMLA.new_cache), got {type(cache).__name__}")
@@ -245,9 +247,19 @@ class SparseMLA(MultiHeadLatentAttention):
             with torch.no_grad():
                 probs = self._absorbed_probs(q_nope, q_pe, c_kv, k_pe, mask)
             self.last_attention = attention_target(probs)
-        attend = self._attend_naive if mode == "naive" else self._attend_absorbed
+        # the selection is a mask: "naive_sdpa" takes the written-out naive path, which applies any mask
+        attend = self._attend_absorbed if mode == "absorbed" else self._attend_naive
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)  # [batch, heads, seq, v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.v_head_dim))
+
+    def fill_cache(self, hidden_states: torch.Tensor, start_pos: int, cache: DSACache,
+                   attention_mask: torch.Tensor | None = None) -> None:
+        """`MultiHeadLatentAttention.fill_cache` plus the indexer's keys: a later query's indexer scores every
+        cached token, those written without attending too."""
+        super().fill_cache(hidden_states, start_pos, cache, attention_mask)
+        positions = position_ids(attention_mask, start_pos, hidden_states.shape[1], hidden_states.device)
+        cos, sin = self.rotary_emb(positions, dtype=hidden_states.dtype)
+        cache.update_index(self.indexer.keys(hidden_states.detach(), cos, sin), start_pos)
 
     def _selection_scores(self, mask: torch.Tensor) -> torch.Tensor:
         """What top-k ranks: the index scores, or for selection "recent" the key positions (the most recent
