@@ -113,12 +113,15 @@ def build_runtime(folder: Path, may_import: tuple[str, ...], removed: set[str]) 
 
 # ---------------------------------------------------------------------------------------------------- isolation
 def _python_paths() -> list[Path]:
-    """What the sandboxed Python must read: the interpreter, the venv, import paths outside the checkout."""
+    """What the sandboxed Python must read: the interpreter, the venv, import paths outside the checkout, and
+    installed packages wherever they are (a venv inside the checkout, as `make` makes it, seen through another
+    interpreter's .pth: the uid-nobody test)."""
     paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
     for entry in sys.path:
         path = Path(entry).resolve() if entry else None
-        if path and path.is_dir() and not (path.is_relative_to(REPO_ROOT) and
-                                           not path.is_relative_to(Path(sys.prefix).resolve())):
+        source = (path is not None and path.is_relative_to(REPO_ROOT)
+                  and not path.is_relative_to(Path(sys.prefix).resolve()) and "site-packages" not in path.parts)
+        if path and path.is_dir() and not source:
             paths.add(path)
     paths = {p for p in paths if str(p) not in ("/",) + TEMP_DIRS and not REPO_ROOT.is_relative_to(p)}
     return sorted(p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths))

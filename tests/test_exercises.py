@@ -53,7 +53,7 @@ def test_release_strips_solutions_tests_and_outputs(released):
 def test_release_refuses_an_unknown_name_in_one_line(tmp_path, capsys):
     from exercises.__main__ import main
     with pytest.raises(SystemExit):
-        main(["release", "09_parallelism", "--out", str(tmp_path)])
+        main(["release", "99_unknown", "--out", str(tmp_path)])
     assert "NAME: expected names from ['01_attention'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
