@@ -1,6 +1,7 @@
 """`python -m dskernels.bench --tiny` runs end to end on a CPU under Triton's interpreter (no torch.compile),
 every checked implementation agrees with its reference, and the three result files are written. Not a timing
-test."""
+test.
+The benchmark picks its device itself: the GPU when there is one, else the CPU."""
 
 import json
 

@@ -1,6 +1,6 @@
 """The output checker `dskernels._checks.compare`: it passes the reference rounded to the output dtype (the
 best a kernel can do) and refuses the wrong outputs a kernel bug gives. No kernel runs here."""
-# cpu-only file: the checker alone, on CPU tensors; no kernel runs here
+# cpu-only file: the checker alone, on CPU tensors; no kernel runs on a device here
 
 
 import pytest

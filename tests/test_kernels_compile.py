@@ -3,7 +3,8 @@ GPUTarget; ptxas from the triton wheel) in the configurations the wrappers pick 
 memory, and the shared memory the compiler reports is within the target's limit per block and not above the
 wrapper's estimate (which is what the wrappers pick by). One subprocess with TRITON_INTERPRET=0 and an empty
 Triton cache compiles them all: CI's selection (`dskernels.compile_check.ci_selection`), or every
-configuration with DSKERNELS_COMPILE_ALL=1."""
+configuration with DSKERNELS_COMPILE_ALL=1.
+Nothing runs on a device here: the kernels are only compiled for one."""
 
 import json
 import os

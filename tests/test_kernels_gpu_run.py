@@ -1,5 +1,6 @@
 """`python -m dskernels.gpu_run --tiny` runs its four stages end to end on a CPU under Triton's interpreter,
-and the notebooks' code cells become runnable scripts without IPython."""
+and the notebooks' code cells become runnable scripts without IPython.
+On a GPU the command runs everything compiled on the device; here it is the CPU."""
 
 import json
 

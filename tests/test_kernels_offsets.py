@@ -6,7 +6,7 @@ Under Triton's interpreter `last_programs_only` runs, of each grid axis longer t
 program: the one whose offsets are the largest. With 32-bit offsets those wrap around to negative addresses
 (a crash or garbage); with 64-bit offsets the last rows come out right. Interpreter only (on a GPU the full
 launch would need the memory): skipped there."""
-# cpu-only file: interpreter only (skipped on a GPU): huge grids of which one program runs
+# cpu-only file: interpreter only (skipped on a GPU device): huge grids of which one program runs
 
 
 import builtins
