@@ -1008,7 +1008,8 @@ QUESTIONS.update({name: dataclasses.replace(QUESTIONS[name], mistakes=m) for nam
 # A self-contained block: the questions of exercises/src/08_fp8.ipynb (lesson 20), added to QUESTIONS.
 FP8_FORBIDDEN = tuple(f"refimpl.fp8.{f}" for f in (
     "quantize_blocks", "quantize_activation", "quantize_weight", "dequantize_blocks", "block_scaled_matmul",
-    "fp8_matmul", "_quantize_blocked", "_fake_quantize")) + ("refimpl.checkpoint.dequantize_fp8",)
+    "fp8_matmul", "_quantize_checked", "_quantize_blocked", "_fake_quantize")) + (
+    "refimpl.checkpoint.dequantize_fp8",)
 
 
 def _fp8_activations(gen, m, k):

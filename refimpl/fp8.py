@@ -59,28 +59,42 @@ def quantize_blocks(x: torch.Tensor, block: tuple[int, int], dtype: torch.dtype 
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fine-grained quantization: one float32 scale per `block` of a 2-d tensor. -> (x_q, scale).
 
-    x: [R, C] floating. block: (br, bc), each >= 1: (1, 128) activation tiles, (128, 128) weight blocks,
-    (128, 1) the tiles of the weight-gradient GEMM, (1, C) row-wise, (R, C) tensor-wise. The last blocks
-    may be partial. dtype: float8_e4m3fn (V3's only format), float8_e5m2, or bfloat16 (scale 1, no scaling).
-    Returns x_q [R, C] `dtype` and scale [ceil(R / br), ceil(C / bc)] float32 with x ~ x_q * scale (block
-    by block), scale = the block's max-abs / the format's largest value (448 for E4M3), so each block's
-    largest value lands on the format's largest. An all-zero block gets scale 1.
-    Raises TypeError (not a floating tensor, unknown dtype), ValueError (not 2-d, block not a pair of ints >= 1).
+    x: [R, C] floating, finite. block: (br, bc), each >= 1: (1, 128) activation tiles, (128, 128) weight
+    blocks, (128, 1) the tiles of the weight-gradient GEMM, (1, C) row-wise, (R, C) tensor-wise. The last
+    blocks may be partial. dtype: float8_e4m3fn (V3's only format), float8_e5m2, or bfloat16 (scale 1, no
+    scaling). Returns x_q [R, C] `dtype` and scale [ceil(R / br), ceil(C / bc)] float32 with
+    x ~ x_q * scale (block by block), scale = the block's max-abs / the format's largest value (448 for E4M3),
+    so each block's largest value lands on the format's largest. An all-zero block gets scale 1.
+    Raises TypeError (not a floating tensor, unknown dtype), ValueError (not 2-d, block not a pair of
+    ints >= 1, a NaN or inf in x: named with the count and the first index; the check costs one host sync,
+    which FP8Linear's training GEMMs do not pay, see `FP8Linear`).
     Source: V3 section 3.3.2; DeepGEMM's per_token_cast_to_fp8 / per_block_cast_to_fp8.
     """
     check_tensor("x", x, ndim=2, dtype_floating=True)
+    return _quantize_checked("quantize_blocks", "x", x, block, dtype)
+
+
+def _quantize_checked(function: str, name: str, x: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_blocks` of a 2-d floating x after checking dtype, block and that x is finite (that error
+    names `function`, the public function called, and `name`, its argument)."""
     if dtype not in FORMATS:
         raise TypeError(f"dtype: expected one of {FORMATS}, got {dtype}")
     if not isinstance(block, (tuple, list)) or len(block) != 2:
         raise ValueError(f"block: expected a pair (rows, columns) such as (1, 128), got {block!r}")
     check_int("block[0]", block[0], 1)
     check_int("block[1]", block[1], 1)
+    _check_finite(function, name, x)
     q, scale = _quantize_blocked(x, block, dtype)
     return q.flatten(2, 3).flatten(0, 1)[: x.shape[0], : x.shape[1]], scale
 
 
 def _quantize_blocked(x: torch.Tensor, block: tuple[int, int], dtype: torch.dtype):
-    """x [R, C] -> (q [R'/br, br, C'/bc, bc] `dtype`, scale [R'/br, C'/bc]), R', C' padded to the blocks."""
+    """x [R, C] -> (q [R'/br, br, C'/bc, bc] `dtype`, scale [R'/br, C'/bc]), R', C' padded to the blocks.
+
+    Unchecked (the training GEMMs' path): a NaN or inf in a block makes its scale NaN or inf and every value
+    of the block NaN once dequantized (x / inf = 0, then 0 * inf = NaN).
+    """
     br, bc = block
     padded = _pad(_pad(x.float(), 0, br), 1, bc)  # [R', C']: zeros change no max-abs
     blocks = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)  # [R'/br, br, C'/bc, bc]
@@ -88,7 +102,7 @@ def _quantize_blocked(x: torch.Tensor, block: tuple[int, int], dtype: torch.dtyp
         return blocks.to(dtype), blocks.new_ones(blocks.shape[0], blocks.shape[2])
     fmax = torch.finfo(dtype).max
     amax = blocks.abs().amax(dim=(1, 3))  # [R'/br, C'/bc]
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / fmax)  # NaN amax: NaN scale
     return (blocks / scale[:, None, :, None]).clamp(-fmax, fmax).to(dtype), scale
 
 
@@ -110,21 +124,24 @@ def dequantize_blocks(x_q: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
 def quantize_activation(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
     """V3's activation quantization, one scale per 1x128 tile: x [M, K] -> (x_q [M, K], scale [M, K / 128]).
 
-    K must be a multiple of 128 (ValueError naming K), as in DeepGEMM. Source: V3 section 3.3.2, figure 7a.
+    K must be a multiple of 128 (ValueError naming K), as in DeepGEMM. x must be finite: a NaN or inf gets a
+    ValueError naming quantize_activation, the count and the first index (one host sync), as in
+    `quantize_blocks`. Source: V3 section 3.3.2, figure 7a.
     """
     check_tensor("x", x, ndim=2, dtype_floating=True)
     _check_k("x", x.shape[1])
-    return quantize_blocks(x, (1, BLOCK), dtype)
+    return _quantize_checked("quantize_activation", "x", x, (1, BLOCK), dtype)
 
 
 def quantize_weight(w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
     """V3's weight quantization, one scale per 128x128 block: w [N, K] -> (w_q, scale [ceil(N / 128), K / 128]).
 
-    K must be a multiple of 128 (ValueError naming K); N may end in a partial block.
+    K must be a multiple of 128 (ValueError naming K); N may end in a partial block. w must be finite: a NaN
+    or inf gets a ValueError naming quantize_weight, the count and the first index (one host sync).
     """
     check_tensor("w", w, ndim=2, dtype_floating=True)
     _check_k("w", w.shape[1])
-    return quantize_blocks(w, (BLOCK, BLOCK), dtype)
+    return _quantize_checked("quantize_weight", "w", w, (BLOCK, BLOCK), dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- GEMM
@@ -155,7 +172,9 @@ def block_scaled_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Ten
 
 
 def fp8_matmul(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
-    """Y = X W^T the V3 way: x [M, K] in 1x128 tiles, w [N, K] in 128x128 blocks, -> [M, N] float32."""
+    """Y = X W^T the V3 way: x [M, K] in 1x128 tiles, w [N, K] in 128x128 blocks, -> [M, N] float32.
+
+    x and w must be finite (ValueError from `quantize_activation` / `quantize_weight`)."""
     return block_scaled_matmul(*quantize_activation(x, dtype), *quantize_weight(w, dtype))
 
 
@@ -205,7 +224,16 @@ def limited_accumulation_matmul(a: torch.Tensor, b: torch.Tensor, mantissa_bits:
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| (Frobenius norms, in float64): the error measure of the FP8 figures."""
+    """||got - want|| / ||want|| (Frobenius norms, in float64): the error measure of the FP8 figures.
+
+    got, want: tensors of the same shape (any dtype). Raises ValueError naming both shapes when they differ
+    (no broadcasting: a [M, 1] against a [M, N] would compare the wrong numbers silently).
+    """
+    check_tensor("got", got)
+    check_tensor("want", want)
+    if got.shape != want.shape:
+        raise ValueError(f"relative_error: expected got and want of the same shape, got got "
+                         f"{tuple(got.shape)} and want {tuple(want.shape)}")
     want = want.detach().double()
     return float((got.detach().double() - want).norm() / want.norm())
 
@@ -233,7 +261,9 @@ BF16_RECIPE = Recipe(torch.bfloat16, torch.bfloat16)
 
 
 def _fake_quantize(x: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """x quantized by `block` and dequantized: [R, C] -> [R, C] float32 (what the GEMM sees)."""
+    """x quantized by `block` and dequantized: [R, C] -> [R, C] float32 (what the GEMM sees).
+
+    Unchecked, like `_quantize_blocked`: a block holding a NaN or inf comes out all NaN."""
     q, scale = _quantize_blocked(x, block, dtype)
     return (q.float() * scale[:, None, :, None]).flatten(2, 3).flatten(0, 1)[: x.shape[0], : x.shape[1]]
 
@@ -273,7 +303,11 @@ class FP8Linear(nn.Module):
     (where they are a backward GEMM's K, the last tile is partial: as zero-padding to 128, which changes no
     sum). x: [..., in_features] float32 -> [..., out_features] float32. recipe: the formats (`Recipe`),
     default V3's E4M3.
-    Raises ValueError (in_features), TypeError (x not float32).
+    Raises ValueError (in_features), TypeError (x not float32). NaN and inf are not refused here (a check
+    would cost a host sync in every GEMM of every training step): after quantization, one in x, the weight
+    or dY turns its whole tile or block NaN (x: its 1x128 tile; the weight: its 128x128 block; dY: its
+    tiles). So a NaN or inf in x[t] makes y[t] NaN, and one in weight[n] makes y[:, n'] NaN for all 128
+    output features n' of its block (a float32 layer: y[:, n] alone). The loss turns NaN either way.
     """
 
     def __init__(self, in_features: int, out_features: int, recipe: Recipe = V3_RECIPE):
@@ -393,11 +427,19 @@ def run_experiment(steps: int = EXPERIMENT["steps"], progress: bool = False) -> 
 def main(argv: list[str] | None = None) -> None:
     """`python -m refimpl.fp8 train [--steps N] [--out FILE]`: FP8 vs bf16 (and float32) training, as JSON."""
     parser = argparse.ArgumentParser(prog="python -m refimpl.fp8", description=main.__doc__)
-    parser.add_argument("command", choices=["train"])
-    parser.add_argument("--steps", type=int, default=EXPERIMENT["steps"])
-    parser.add_argument("--out", type=Path, default=EXPERIMENT_LOG, help="the JSON log to write")
+    parser.add_argument("command", choices=["train"],
+                        help="train: the runs of EXPERIMENT_RUNS (fp8, fp8_forward_only, bf16, fp32) from the "
+                             "same seed, data and initial weights, and write their losses")
+    parser.add_argument("--steps", type=int, default=EXPERIMENT["steps"],
+                        help="optimizer steps of each run (batches of %d sequences of %d tokens); default "
+                             "%%(default)s, the committed log's: another number needs --out"
+                             % (EXPERIMENT["batch_size"], EXPERIMENT["seq_len"]))
+    parser.add_argument("--out", type=Path, default=EXPERIMENT_LOG,
+                        help="the JSON log to write; default lessons/logs/fp8_vs_bf16.json, the committed "
+                             "log that lesson 20 asserts on")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: many times faster than 2 on a busy 2-core machine)")
+                        help="torch threads; default %(default)s (many times faster than 2 on a busy 2-core "
+                             "machine)")
     args = parser.parse_args(argv)
     try:
         check_int("steps", args.steps, 1)
@@ -429,6 +471,21 @@ def _pad(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = extra
     return torch.cat([x, x.new_zeros(shape)], dim)
+
+
+def _check_finite(function: str, name: str, x: torch.Tensor) -> None:
+    """ValueError naming `function`, the tensor, how many of its values are NaN or inf and the first one.
+
+    One reduction and one host sync when x is finite (the common case); the count and index only on failure.
+    """
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()  # [count, ndim]
+    first = tuple(bad[0].tolist())
+    raise ValueError(f"{function}: expected {name} with finite values only, got {len(bad)} NaN or inf of "
+                     f"{x.numel()}, the first {name}{list(first)} = {x[first].item()} (a NaN or inf makes "
+                     f"its block's scale non-finite and the whole block NaN)")
 
 
 def _check_k(name: str, k: int) -> None:

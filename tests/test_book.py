@@ -4,15 +4,14 @@ Needs Debian's chromium (/usr/bin/chromium): installed here with apt-get where t
 with one line otherwise, and failed instead where CI=true. The checks live in book/check_site.py.
 """
 
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _apt import apt_install, unavailable  # tests/_apt.py
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "book"))
@@ -22,37 +21,17 @@ import check_site  # noqa: E402  (book/check_site.py)
 SCREENSHOT = ROOT / "book" / "_build" / "screenshots" / "lesson.png"
 NOTEBOOKS = [nb for part in build.course_notebooks(ROOT).values() for nb in part]  # lessons, then exercises
 PAGES = [p.relative_to(ROOT).with_suffix(".html").as_posix() for p in NOTEBOOKS]
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"book browser test cannot run, and CI=true requires it: {reason}")
-    pytest.skip(f"book browser test skipped: {reason}")
-
-
-def _install_chromium() -> None:
-    """apt-get install chromium (about 70 s here), only as root; otherwise skip, or fail under CI."""
-    if os.geteuid() != 0:
-        _unavailable("no /usr/bin/chromium, and not root to apt-get install it")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            _unavailable(f"{' '.join(cmd)} failed: {e}")
-        if done.returncode != 0:
-            _unavailable(f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}")
+BROWSER_TEST = "book browser test"
 
 
 @pytest.fixture(scope="session")
 def browser():
     """One headless Debian Chromium for every page (launched by the playwright wheel, no browser download)."""
-    if not Path(check_site.CHROMIUM).exists():
-        _install_chromium()
+    apt_install("chromium", check_site.CHROMIUM, BROWSER_TEST)  # about 70 s here
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("the playwright package is missing (pip install -e '.[test]')")
+        unavailable(BROWSER_TEST, "the playwright package is missing (pip install -e '.[test]')")
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=check_site.CHROMIUM)
         yield chromium

@@ -22,6 +22,8 @@ import torch
 from exercises import assignments, feedback, grade, release
 from exercises.questions import QUESTIONS
 
+from _apt import apt_install, unavailable  # tests/_apt.py
+
 REPO = Path(__file__).resolve().parent.parent
 corpus_spec = importlib.util.spec_from_file_location("grading_corpus", REPO / "tests/grading_corpus/corpus.py")
 corpus = sys.modules["grading_corpus"] = importlib.util.module_from_spec(corpus_spec)
@@ -148,39 +150,20 @@ def test_check_names_the_kernel_contract():
         feedback.check("softmax_rows", namespace["softmax_rows"])
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the grader's sandbox needs bubblewrap, and CI=true requires it: {reason}")
-    pytest.skip(f"bubblewrap sandbox not tested: {reason}")
-
-
-def _apt_install_bubblewrap() -> None:
-    """bubblewrap, as tests/test_book.py installs Chromium: apt-get as root; otherwise skip (fail where CI=true)."""
-    if shutil.which("bwrap"):
-        return
-    if os.geteuid() != 0:
-        _unavailable("no bwrap, and not root to apt-get install bubblewrap")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "bubblewrap"]):
-        try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            _unavailable(f"{' '.join(cmd)} failed: {error}")
-        if done.returncode != 0:
-            _unavailable(f"{' '.join(cmd)} failed: {done.stderr.strip()[-300:]}")
-
-
 def _rows(out: Path) -> dict[str, dict]:
     with open(out / "summary.csv", encoding="utf-8") as f:
         return {row["file"]: row for row in csv.DictReader(f)}
 
 
+SANDBOX_TEST = "the grader's bubblewrap sandbox test"
+
+
 def test_bubblewrap_is_installed_and_used():
     """Runs before the corpus, so that the corpus is graded in bubblewrap where it can be installed."""
-    _apt_install_bubblewrap()
+    apt_install("bubblewrap", "bwrap", SANDBOX_TEST)
     isolation = grade.sandbox.detect()
     if isolation.kind != "bubblewrap":
-        _unavailable(isolation.description)
+        unavailable(SANDBOX_TEST, isolation.description)
 
 
 def test_cheat_corpus_scores_as_it_must(tmp_path):

@@ -108,6 +108,49 @@ def test_bad_input_is_named():
         fp8.Recipe(E4M3, torch.float16)
 
 
+@pytest.mark.parametrize("call, function, name", [
+    (lambda x: fp8.quantize_blocks(x, (1, 128)), "quantize_blocks", "x"),
+    (lambda x: fp8.quantize_blocks(x, (128, 128), E5M2), "quantize_blocks", "x"),
+    (fp8.quantize_activation, "quantize_activation", "x"),
+    (fp8.quantize_weight, "quantize_weight", "w"),
+    (lambda w: fp8.fp8_matmul(torch.randn(2, 256), w), "quantize_weight", "w")],
+    ids=["blocks_1x128", "blocks_128x128_e5m2", "activation", "weight", "fp8_matmul"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantize_refuses_nan_and_inf_by_name(call, function, name, bad):
+    x = torch.randn(4, 256)
+    x[1, 130] = x[3, 7] = bad
+    message = (rf"{function}: expected {name} with finite values only, got 2 NaN or inf of 1024, the first "
+               rf"{name}\[1, 130\] = {bad}")
+    with pytest.raises(ValueError, match=message):
+        call(x)
+    call(x.nan_to_num(0.0, 0.0, 0.0))  # finite: accepted
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fp8_linear_turns_a_non_finite_tile_or_block_nan(bad):
+    """Not refused in training (a host sync per GEMM): documented in FP8Linear; its whole block turns NaN."""
+    layer = fp8.FP8Linear(256, 200)
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        layer.weight[5, 130] = bad  # output features 0..127 share its 128x128 block
+    y = layer(x)
+    assert y[:, :128].isnan().all() and y[:, 128:].isfinite().all()
+    layer = fp8.FP8Linear(256, 200)
+    x[2, 3] = bad  # token 2's first 1x128 tile
+    y = layer(x)
+    assert y[2].isnan().all() and y[[0, 1, 3, 4]].isfinite().all()
+    q, scale = fp8._quantize_blocked(x, (1, 128), E4M3)
+    assert scale[2, 0].isnan() or scale[2, 0].isinf()
+    assert fp8._fake_quantize(x, (1, 128), E4M3)[2, :128].isnan().all()
+
+
+def test_relative_error_refuses_other_shapes():
+    with pytest.raises(ValueError, match=r"relative_error: expected got and want of the same shape, got got "
+                                         r"\(4, 1\) and want \(4, 3\)"):
+        fp8.relative_error(torch.ones(4, 1), torch.ones(4, 3))
+    assert fp8.relative_error(torch.full((4, 3), 1.1), torch.ones(4, 3)) == pytest.approx(0.1)
+
+
 def test_cut_mantissa():
     x = torch.tensor([1 + 2**-10 + 2**-20, -(1 + 2**-10 + 2**-20), 3.0])
     assert fp8.cut_mantissa(x, 13).tolist() == [1 + 2**-10, -(1 + 2**-10), 3.0]  # toward zero, both signs
@@ -192,6 +235,17 @@ def test_convert_to_fp8_refuses_k_below_128_by_name():
     assert type(model.model.layers[0].self_attn.q_a_proj) is nn.Linear  # nothing changed
     with pytest.raises(TypeError, match="expected float32 master weights"):
         fp8.convert_to_fp8(DeepSeekForCausalLM(fp8.fp8_config()).bfloat16())
+
+
+def test_experiment_command_help_says_what_each_option_is(capsys):
+    with pytest.raises(SystemExit):
+        fp8.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "train: the runs of EXPERIMENT_RUNS" in text
+    assert "--steps STEPS optimizer steps of each run (batches of 8 sequences of 64 tokens); default 300" in text
+    assert "--out OUT the JSON log to write; default lessons/logs/fp8_vs_bf16.json" in text
+    assert "--threads THREADS torch threads; default 1" in text
+    assert "/work/" not in text and "/root" not in text  # no machine path
 
 
 def test_experiment_command_refuses_a_folder_as_out_before_training(tmp_path, capsys):
