@@ -425,14 +425,16 @@ def run_experiment(steps: int = EXPERIMENT["steps"], progress: bool = False) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m refimpl.fp8 train [--steps N] [--out FILE]`: FP8 vs bf16 (and float32) training, as JSON."""
+    """`python -m refimpl.fp8 train [--steps N] [--out FILE] [--threads N]`: FP8 vs bf16 (and float32)
+    training, as JSON."""
     parser = argparse.ArgumentParser(prog="python -m refimpl.fp8", description=main.__doc__)
     parser.add_argument("command", choices=["train"],
                         help="train: the runs of EXPERIMENT_RUNS (fp8, fp8_forward_only, bf16, fp32) from the "
                              "same seed, data and initial weights, and write their losses")
     parser.add_argument("--steps", type=int, default=EXPERIMENT["steps"],
                         help="optimizer steps of each run (batches of %d sequences of %d tokens); default "
-                             "%%(default)s, the committed log's: another number needs --out"
+                             "%%(default)s, as in the committed log (another number needs --out, so as not "
+                             "to overwrite it)"
                              % (EXPERIMENT["batch_size"], EXPERIMENT["seq_len"]))
     parser.add_argument("--out", type=Path, default=EXPERIMENT_LOG,
                         help="the JSON log to write; default lessons/logs/fp8_vs_bf16.json, the committed "
