@@ -68,7 +68,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     estimate: int | None = None  # the wrapper's shared memory estimate, None where it keeps none
-    aligned: bool = False  # compile as a launch sees 16-byte-aligned pointers and i32 multiples of 16
+    aligned: bool = False  # compile as for 16-byte-aligned pointers and i32 arguments multiple of 16
 
 
 def _alignment_hints(fn: JITFunction, signature: dict) -> dict:
