@@ -68,6 +68,15 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     estimate: int | None = None  # the wrapper's shared memory estimate, None where it keeps none
+    aligned: bool = False  # compile as for 16-byte-aligned pointers and i32 arguments multiple of 16
+
+
+def _alignment_hints(fn: JITFunction, signature: dict) -> dict:
+    """The hints Triton's launcher gives a kernel whose pointers are 16-byte aligned and whose integer
+    arguments are multiples of 16 (`tt.divisibility` 16, as `triton.backends.compiler.BaseBackend.parse_attr`):
+    only with them can loads become 16-byte asynchronous copies, and so be pipelined over `num_stages`."""
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+            for name, kind in signature.items() if kind.startswith("*") or kind == "i32"}
 
 
 def _signature(kernel, dtype: torch.dtype, constexprs: dict, types: dict) -> dict:
@@ -85,7 +94,10 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict, types: dict) -> dic
     return signature
 
 
-def _config(name, kernel, dtype, constexprs, types=None, **options) -> Config:
+def make_config(name, kernel, dtype, constexprs, types=None, **options) -> Config:
+    """A `Config` of `kernel` for `dtype`: arguments named in `constexprs` are constexpr, those in `types`
+    have that Triton type, names ending in _ptr point to dtype, the rest are i32; `options`: num_warps,
+    num_stages, estimate, aligned."""
     return Config(f"{name} {TRITON_TYPE[dtype]}", kernel, _signature(kernel, dtype, constexprs, types or {}),
                   constexprs, **options)
 
@@ -95,8 +107,8 @@ def _rowwise(dtype, budget) -> list[Config]:
     for block in (1, 1024, rowwise.MAX_BLOCK):
         warps = rowwise.num_warps(block)
         for name, kernel in (("softmax v1", rowwise.softmax_v1_kernel), ("softmax v2", rowwise.softmax_v2_kernel)):
-            out.append(_config(f"{name} BLOCK={block}", kernel, dtype, {"BLOCK": block}, num_warps=warps))
-        out.append(_config(f"rmsnorm BLOCK={block}", rowwise.rmsnorm_kernel, dtype, {"BLOCK": block},
+            out.append(make_config(f"{name} BLOCK={block}", kernel, dtype, {"BLOCK": block}, num_warps=warps))
+        out.append(make_config(f"rmsnorm BLOCK={block}", rowwise.rmsnorm_kernel, dtype, {"BLOCK": block},
                            {"eps": "fp32"}, num_warps=warps))
     return out
 
@@ -108,15 +120,15 @@ def _matmul(dtype, budget) -> list[Config]:
         stages = mm.pick_num_stages(bm, bn, bk, dtype, budget)
         estimate = mm.shared_memory_estimate(bm, bn, bk, dtype.itemsize, stages)
         const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee)
-        out.append(_config(f"matmul v1 {bm}x{bn}x{bk}", mm.matmul_v1_kernel, dtype, const, num_stages=stages,
+        out.append(make_config(f"matmul v1 {bm}x{bn}x{bk}", mm.matmul_v1_kernel, dtype, const, num_stages=stages,
                            estimate=estimate))
-        out.append(_config(f"matmul v2 {bm}x{bn}x{bk}", mm.matmul_v2_kernel, dtype, {**const, "GROUP_M": 8},
+        out.append(make_config(f"matmul v2 {bm}x{bn}x{bk}", mm.matmul_v2_kernel, dtype, {**const, "GROUP_M": 8},
                            num_stages=stages, estimate=estimate))
     for c in mm.fitting_configs(mm._autotune_configs(), dtype.itemsize, budget):
         k = c.kwargs
         estimate = mm.shared_memory_estimate(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], dtype.itemsize,
                                              c.num_stages)
-        out.append(_config(f"matmul v3 {k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{c.num_stages}",
+        out.append(make_config(f"matmul v3 {k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{c.num_stages}",
                            mm.matmul_v2_kernel, dtype, {**k, "IEEE": ieee}, num_warps=c.num_warps,
                            num_stages=c.num_stages, estimate=estimate))
     return out
@@ -133,7 +145,7 @@ def _flash_attention(dtype, budget) -> list[Config]:
         const = dict(D=d, DV=d, CAUSAL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_DV=block_d,
                      IEEE=dtype == torch.float32)
         for step, kernel in fa.KERNELS.items():
-            out.append(_config(f"flash attention {step} d={d}", kernel, dtype, const, {"scale": "fp32"},
+            out.append(make_config(f"flash attention {step} d={d}", kernel, dtype, const, {"scale": "fp32"},
                                num_stages=stages,
                                estimate=fa.shared_memory_estimate(64, 64, block_d, block_d, dtype.itemsize, stages)))
     return out
@@ -149,7 +161,7 @@ def _flash_attention_v4(dtype, budget) -> list[Config]:
         bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
         base = dict(D=d, DV=dv, CAUSAL=True, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=ieee)
         for bm, bn, warps, stages in fa4.fitting_forward_configs(bd, bdv, size, budget):
-            out.append(_config(f"flash attention v4 fwd d={d}/{dv} {bm}x{bn} w{warps} s{stages}",
+            out.append(make_config(f"flash attention v4 fwd d={d}/{dv} {bm}x{bn} w{warps} s{stages}",
                                fa4.flash_attention_v4_fwd_kernel, dtype, {**base, "BLOCK_M": bm, "BLOCK_N": bn},
                                types, num_warps=warps, num_stages=stages,
                                estimate=fa4.forward_shared_memory(bm, bn, bd, bdv, size, stages)))
@@ -161,9 +173,9 @@ def _flash_attention_v4(dtype, budget) -> list[Config]:
         estimate = fa4.backward_shared_memory(fa4.BWD_BLOCK_M, fa4.BWD_BLOCK_N, bd, bdv, size, stages)
         for name, kernel in (("dk/dv", fa4.flash_attention_v4_bwd_dkdv_kernel),
                              ("dq", fa4.flash_attention_v4_bwd_dq_kernel)):
-            out.append(_config(f"flash attention v4 bwd {name} d={d}/{dv}", kernel, dtype, meta, types,
+            out.append(make_config(f"flash attention v4 bwd {name} d={d}/{dv}", kernel, dtype, meta, types,
                                num_warps=fa4.BWD_WARPS, num_stages=stages, estimate=estimate))
-        out.append(_config(f"flash attention v4 bwd preprocess dv={dv}",
+        out.append(make_config(f"flash attention v4 bwd preprocess dv={dv}",
                            fa4.flash_attention_v4_bwd_preprocess_kernel, dtype,
                            dict(DV=dv, BLOCK_M=64, BLOCK_DV=bdv), types))
     return out
@@ -181,14 +193,14 @@ def _mla_decode(dtype, budget) -> list[Config]:
         meta = dict(C=C, R=R, BLOCK_H=block_h, BLOCK_C=md.next_pow2_16(C), BLOCK_R=md.next_pow2_16(R),
                     IEEE=dtype == torch.float32)
         label = f"{C}+{R} block_n={block_n}"
-        out.append(_config(f"MLA decode v1 {label}", md.mla_decode_v1_kernel, dtype, {**meta, "BLOCK_N": block_n},
+        out.append(make_config(f"MLA decode v1 {label}", md.mla_decode_v1_kernel, dtype, {**meta, "BLOCK_N": block_n},
                            types, num_stages=stages, estimate=estimate))
-        out.append(_config(f"MLA decode v2 {label}", md.mla_decode_v2_kernel, dtype,
+        out.append(make_config(f"MLA decode v2 {label}", md.mla_decode_v2_kernel, dtype,
                            {**meta, "BLOCK_N": block_n, "NUM_SPLITS": 4}, types, num_stages=stages, estimate=estimate))
-        out.append(_config(f"MLA decode v3 {label}", md.mla_decode_v3_kernel, dtype,
+        out.append(make_config(f"MLA decode v3 {label}", md.mla_decode_v3_kernel, dtype,
                            {**meta, "PAGE_SIZE": block_n, "NUM_SPLITS": 4}, types, num_stages=stages,
                            estimate=estimate))
-        out.append(_config(f"MLA merge {C}", md.merge_splits_kernel, dtype,
+        out.append(make_config(f"MLA merge {C}", md.merge_splits_kernel, dtype,
                            dict(C=C, NUM_SPLITS=4, BLOCK_S=4, BLOCK_C=md.next_pow2_16(C)), types))
         out += _mla_decode_flash(C, R, dtype, budget, types)
     return out
@@ -201,10 +213,10 @@ def _mla_decode_flash(C, R, dtype, budget, types) -> list[Config]:
                 BLOCK_R=md.next_pow2_16(R), IEEE=dtype == torch.float32)
     types = {**types, **{name: "*i32" for name in ("part_start_ptr", "piece_seq_ptr", "piece_begin_ptr",
                                                     "piece_end_ptr", "seq_piece_start_ptr")}}
-    return [_config(f"MLA decode v4 {C}+{R} block_h={block_h} block_n={block_n}", mf.mla_decode_v4_kernel,
+    return [make_config(f"MLA decode v4 {C}+{R} block_h={block_h} block_n={block_n}", mf.mla_decode_v4_kernel,
                     dtype, meta, types, num_stages=stages,
                     estimate=md.shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages)),
-            _config(f"MLA merge pieces {C}", mf.merge_pieces_kernel, dtype,
+            make_config(f"MLA merge pieces {C}", mf.merge_pieces_kernel, dtype,
                     dict(C=C, BLOCK_H=block_h, BLOCK_C=md.next_pow2_16(C)), types)]
 
 
@@ -212,11 +224,11 @@ def _moe(dtype, budget) -> list[Config]:
     stages = moe.pick_num_stages(64, 64, 64, dtype, budget)
     const = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, IEEE=dtype == torch.float32)
     types = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "topk_weight_ptr": "*fp32"}
-    return [_config("MoE gate/up 64x64x64", moe.gate_up_kernel, dtype, {**const, "TOP_K": 6}, types,
+    return [make_config("MoE gate/up 64x64x64", moe.gate_up_kernel, dtype, {**const, "TOP_K": 6}, types,
                     num_stages=stages, estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages)),
-            _config("MoE down 64x64x64", moe.down_kernel, dtype, const, types, num_stages=stages,
+            make_config("MoE down 64x64x64", moe.down_kernel, dtype, const, types, num_stages=stages,
                     estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1)),
-            _config("MoE down + combine 64x64x64", moe.down_combine_kernel, dtype, {**const, "TOP_K": 6},
+            make_config("MoE down + combine 64x64x64", moe.down_combine_kernel, dtype, {**const, "TOP_K": 6},
                     {**types, "out_ptr": "*fp32"}, num_stages=stages,
                     estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1))]
 
@@ -231,13 +243,19 @@ def configs(target: str, family: str, dtype: torch.dtype) -> list[Config]:
     return FAMILIES[family](dtype, TARGETS[target][1])
 
 
-def compile_config(config: Config, target: str) -> int:
-    """Compile `config` for `target` with triton.compile (no GPU needed) -> the shared memory it uses (bytes)."""
+def compile_kernel(config: Config, target: str):
+    """Compile `config` for `target` with triton.compile (no GPU needed) -> Triton's compiled kernel
+    (`.metadata.shared`: bytes of shared memory; `.asm["ttgir"]`, `.asm["ptx"]`: the code at each level)."""
     fn = config.kernel if isinstance(config.kernel, JITFunction) else JITFunction(config.kernel.fn)
-    source = ASTSource(fn=fn, signature=config.signature, constexprs=config.constexprs)
-    compiled = triton.compile(source, target=TARGETS[target][0],
-                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    return int(compiled.metadata.shared)
+    attrs = _alignment_hints(fn, config.signature) if config.aligned else None
+    source = ASTSource(fn=fn, signature=config.signature, constexprs=config.constexprs, attrs=attrs)
+    return triton.compile(source, target=TARGETS[target][0],
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def compile_config(config: Config, target: str) -> int:
+    """Compile `config` for `target` -> the shared memory it uses (bytes)."""
+    return int(compile_kernel(config, target).metadata.shared)
 
 
 def ci_selection(target: str, family: str, dtype: torch.dtype) -> list[Config]:
