@@ -257,5 +257,45 @@ def kernel_source(cells: list[str], contract: KernelContract, routes: tuple[str,
         if isinstance(sub, ast.Name) and word not in local | {"tl"} | KERNEL_BUILTINS:
             raise KernelRefused(f"{line}: uses `{word}`; a graded kernel uses only its arguments, its own "
                                 f"variables, `tl` and {', '.join(sorted(KERNEL_BUILTINS))}")
+    if contract.tiles:
+        _check_tiles(node, contract)
     plain = ast.FunctionDef(node.name, node.args, node.body, [], None, None, type_params=[])
     return ast.unparse(ast.fix_missing_locations(plain)) + "\n"
+
+
+GROWING = {"cat", "join", "interleave", "histogram"}  # tl functions that make a tensor longer than their inputs
+BLOCK_SHAPE = {"make_block_ptr": 4, "make_tensor_descriptor": 3}  # position of block_shape
+
+
+def _check_tiles(node: ast.FunctionDef, contract: KernelContract) -> None:
+    """Raise KernelRefused where the kernel builds a tile that is not made of the contract's tile sizes:
+    `tl.arange` other than `tl.arange(0, T)`, a shape (a list or tuple argument of a `tl` call) with an entry
+    other than a T or 1, or a `tl` function that concatenates (GROWING), T in `contract.tiles`. A kernel that
+    holds a whole row of scores at once needs a tile of the row's length: it has none, so it must loop."""
+    tiles = ", ".join(contract.tiles)
+    rule = (f"a graded {contract.kernel} builds its tiles from tl.arange(0, T) and shapes of T, T in ({tiles}) "
+            "(it walks the keys in a loop, BLOCK_N at a time)")
+
+    def tile(arg) -> bool:
+        return isinstance(arg, ast.Name) and arg.id in contract.tiles
+
+    for sub in ast.walk(node):
+        if not (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute)
+                and isinstance(sub.func.value, ast.Name) and sub.func.value.id == "tl"):
+            continue
+        line = f"{contract.kernel}, line {sub.lineno}"
+        if sub.func.attr in GROWING:
+            raise KernelRefused(f"{line}: uses tl.{sub.func.attr}; {rule}")
+        if sub.func.attr == "arange":
+            start = sub.args[0] if sub.args else None
+            if len(sub.args) != 2 or sub.keywords or not isinstance(start, ast.Constant) or start.value != 0 \
+                    or not tile(sub.args[1]):
+                raise KernelRefused(f"{line}: tl.arange({ast.unparse(sub)[len('tl.arange('):-1]}); {rule}")
+        shapes = [*sub.args, *(k.value for k in sub.keywords)]
+        if sub.func.attr in BLOCK_SHAPE:  # the tensor's shape, strides, offsets: any; its block's: tiles
+            at = BLOCK_SHAPE[sub.func.attr]
+            shapes = [k.value for k in sub.keywords if k.arg == "block_shape"] + sub.args[at:at + 1]
+        for arg in shapes:
+            if isinstance(arg, (ast.List, ast.Tuple)) and not all(
+                    tile(e) or (isinstance(e, ast.Constant) and e.value == 1) for e in arg.elts):
+                raise KernelRefused(f"{line}: shape {ast.unparse(arg)}; {rule}")
