@@ -49,6 +49,9 @@ MODULE_ATTRS = {"sys": {"path", "stdin", "stdout"}, "os": {"read", "write", "dup
 CODE_MAGICS = {"time", "timeit", "capture"}  # whose body (cell) or argument (line) is code, read as such
 PLAIN_MAGICS = {"matplotlib"}  # whose argument is not code
 KERNEL_BUILTINS = {"range", "float", "int", "min", "max", "len", "abs"}
+# DYNAMIC_ATTRS that are harmless on a module: `tl.load` is Triton's load from a pointer (a notebook with a kernel
+# and a plain question), allowed where the name is bound to triton.language and to nothing else in the notebook
+MODULE_OK = {"triton.language": {"load"}}
 
 
 @dataclass
@@ -85,6 +88,8 @@ class _Reader(ast.NodeVisitor):
                  findings: Findings):
         self.where, self.allowed_refimpl, self.routes, self.findings = where, allowed_refimpl, routes, findings
         self.modules: dict[str, str] = {}  # local name -> module it is bound to
+        self.rebound: set[str] = set()  # names bound otherwise than by an import of a module (anywhere)
+        self.deferred: list[tuple[str, str]] = []  # (name, finding) of MODULE_OK uses, void if name is rebound
 
     def _everything(self, node, what: str) -> None:
         self.findings.everything.append(f"{self.where}, line {getattr(node, 'lineno', '?')}: {what}")
@@ -109,6 +114,8 @@ class _Reader(ast.NodeVisitor):
                 self._everything(node, f"imports {alias.name}, which graded answers may not import")
             self.modules[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
                 alias.name.split(".")[0]
+            if alias.asname and alias.name not in MODULE_OK:
+                self.rebound.add(alias.asname)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         module = node.module or ""
@@ -121,9 +128,39 @@ class _Reader(ast.NodeVisitor):
                                                        self._module_allowed(full)):
                 self._everything(node, f"imports {'.' * node.level}{full}, which graded answers may not import")
             self.modules[alias.asname or alias.name] = full
+            if full not in MODULE_OK:
+                self.rebound.add(alias.asname or alias.name)
+
+    def _bind(self, node, name: str | None) -> None:
+        if name:
+            self.rebound.add(name)
+        self.generic_visit(node)
+
+    def visit_arg(self, node: ast.arg) -> None:
+        self._bind(node, node.arg)
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
+        self._bind(node, node.name)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        self._bind(node, node.name)
+
+    visit_AsyncFunctionDef = visit_ClassDef = visit_FunctionDef
+
+    def visit_MatchAs(self, node) -> None:
+        self._bind(node, node.name)
+
+    visit_MatchStar = visit_MatchAs
+
+    def visit_Global(self, node) -> None:
+        self.rebound.update(node.names)
+
+    visit_Nonlocal = visit_Global
 
     def visit_Name(self, node: ast.Name) -> None:
         self._word(node, node.id)
+        if not isinstance(node.ctx, ast.Load):
+            self.rebound.add(node.id)
         if node.id in DYNAMIC_NAMES or node.id in ATTR_CALLS or (node.id.startswith("__") and
                                                                  node.id not in DUNDERS_OK):
             self._everything(node, f"uses `{node.id}`, which can reach any function unseen")
@@ -132,7 +169,10 @@ class _Reader(ast.NodeVisitor):
         self._word(node, node.attr)
         dunder = node.attr.startswith("__") and node.attr not in DUNDERS_OK
         owner = self.modules.get(node.value.id) if isinstance(node.value, ast.Name) else None
-        if dunder or node.attr in DYNAMIC_ATTRS or node.attr in MODULE_ATTRS.get(owner or "", ()):
+        if node.attr in MODULE_OK.get(owner or "", ()):  # rebound later in the notebook: flagged at the end
+            where = f"{self.where}, line {getattr(node, 'lineno', '?')}"
+            self.deferred.append((node.value.id, f"{where}: uses `.{node.attr}`, which can reach any function unseen"))
+        elif dunder or node.attr in DYNAMIC_ATTRS or node.attr in MODULE_ATTRS.get(owner or "", ()):
             self._everything(node, f"uses `.{node.attr}`, which can reach any function unseen")
         self.visit(node.value)
 
@@ -192,6 +232,7 @@ def check_cells(cells: list[str], questions, may_import: tuple[str, ...]) -> Fin
         if "get_ipython().system(" in code or "get_ipython().getoutput(" in code:
             findings.everything.append(f"cell {i + 1}: runs a shell command (!...), which the grader cannot read")
         reader.read(code, f"cell {i + 1}")
+    findings.everything += [what for name, what in reader.deferred if name in reader.rebound]
     findings.everything = list(dict.fromkeys(findings.everything))
     return findings
 
