@@ -1258,6 +1258,40 @@ def _flash_lse_without_max(q, k, v, is_causal):
     return o, (lse.double() - scores.max(-1).values).float()  # log(l) alone: m left out
 
 
+def _flash_blocks(q, k, v, is_causal, rescale_acc: bool = True, running_max: bool = True):
+    """The kernel's loop in PyTorch, in float32 over key blocks of the harness's FLASH_BLOCK_N, for the mistakes
+    whose answer depends on the blocks (an answer whose blocks differ is not told which mistake it made)."""
+    from exercises.contracts import FLASH_BLOCK_N
+
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    q, k, v = (t.float() for t in (q, k, v))
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool)
+    visible = visible.tril(seq_k - seq_q) if is_causal else visible
+    m = torch.full(q.shape[:-1], float("-inf"))  # [b, h, seq_q]
+    l, acc = torch.zeros(q.shape[:-1]), torch.zeros_like(q)
+    for start in range(0, seq_k, FLASH_BLOCK_N):
+        block = slice(start, start + FLASH_BLOCK_N)
+        scores = (q @ k[..., block, :].transpose(-2, -1)) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~visible[:, block], float("-inf"))
+        m_new = torch.maximum(m, scores.amax(-1)) if running_max else torch.zeros_like(m)
+        alpha = (m - m_new).exp()
+        p = (scores - m_new[..., None]).exp()
+        l = alpha * l + p.sum(-1)
+        acc = (alpha[..., None] if rescale_acc else 1.0) * acc + p @ v[..., block, :]
+        m = m_new
+    return acc / l[..., None], m + l.log()  # o in float32: the callers cast it to the inputs' dtype
+
+
+def _flash_no_acc_rescale(q, k, v, is_causal):
+    o, lse = _flash_blocks(q, k, v, is_causal, rescale_acc=False)
+    return o.to(q.dtype), lse
+
+
+def _flash_no_running_max(q, k, v, is_causal):
+    o, lse = _flash_blocks(q, k, v, is_causal, running_max=False)
+    return o.to(q.dtype), lse
+
+
 FLASH_QUESTIONS = [
     # no library does this step (a softmax normalizes; this keeps exp(S - m_new) unnormalized): nothing forbidden
     Question("online_softmax_step", ("m", "l", "acc", "scores", "v"), _online_step_args, _online_step_ref, (),
@@ -1271,7 +1305,9 @@ MISTAKES.update({
                             ("did not rescale l by alpha = exp(m - m_new)", _online_step_no_l_rescale)),
     "flash_attention_fwd": ((NO_SCALE, _flash_no_scale), (TOP_LEFT, _flash_top_left),
                             ("did not mask the keys past seq_k in the last block", _flash_no_tail_mask),
-                            ("stored log(l) as the log-sum-exp: it is m + log(l)", _flash_lse_without_max)),
+                            ("stored log(l) as the log-sum-exp: it is m + log(l)", _flash_lse_without_max),
+                            ("did not rescale acc by alpha = exp(m - m_new) when the max grew", _flash_no_acc_rescale),
+                            ("kept no running max: exp of the raw scores overflows float32", _flash_no_running_max)),
 })
 QUESTIONS.update({q.name: dataclasses.replace(q, mistakes=MISTAKES[q.name]) for q in FLASH_QUESTIONS})
 EXERCISES["13_flash_kernel"] = Exercise(("online_softmax_step", "flash_attention_fwd"))
