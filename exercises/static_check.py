@@ -16,7 +16,8 @@ submission controls everything there. So the grader reads the code cells here, a
   every question, since any of them can reach any function.
 
 A kernel question's `@triton.jit` function is checked on its own (`kernel_source`): the contract's name and
-parameters, a body that uses only its arguments, its own variables, `tl` and a few built-ins.
+parameters, a body that uses only its arguments, its own variables, `tl` and a few built-ins, and, where the
+contract names tile sizes (`KernelContract.tiles`), tiles made of them only.
 """
 
 from __future__ import annotations
