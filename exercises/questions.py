@@ -1258,7 +1258,7 @@ def _flash_lse_without_max(q, k, v, is_causal):
     return o, (lse.double() - scores.max(-1).values).float()  # log(l) alone: m left out
 
 
-def _flash_blocks(q, k, v, is_causal, rescale_acc: bool = True, running_max: bool = True):
+def _flash_blocks(q, k, v, is_causal, rescale_acc: bool = True, rescale_l: bool = True, running_max: bool = True):
     """The kernel's loop in PyTorch, in float32 over key blocks of the harness's FLASH_BLOCK_N, for the mistakes
     whose answer depends on the blocks (an answer whose blocks differ is not told which mistake it made)."""
     from exercises.contracts import FLASH_BLOCK_N
@@ -1276,7 +1276,7 @@ def _flash_blocks(q, k, v, is_causal, rescale_acc: bool = True, running_max: boo
         m_new = torch.maximum(m, scores.amax(-1)) if running_max else torch.zeros_like(m)
         alpha = (m - m_new).exp()
         p = (scores - m_new[..., None]).exp()
-        l = alpha * l + p.sum(-1)
+        l = (alpha if rescale_l else 1.0) * l + p.sum(-1)
         acc = (alpha[..., None] if rescale_acc else 1.0) * acc + p @ v[..., block, :]
         m = m_new
     return acc / l[..., None], m + l.log()  # o in float32: the callers cast it to the inputs' dtype
@@ -1284,6 +1284,11 @@ def _flash_blocks(q, k, v, is_causal, rescale_acc: bool = True, running_max: boo
 
 def _flash_no_acc_rescale(q, k, v, is_causal):
     o, lse = _flash_blocks(q, k, v, is_causal, rescale_acc=False)
+    return o.to(q.dtype), lse
+
+
+def _flash_no_l_rescale(q, k, v, is_causal):
+    o, lse = _flash_blocks(q, k, v, is_causal, rescale_l=False)
     return o.to(q.dtype), lse
 
 
@@ -1307,6 +1312,7 @@ MISTAKES.update({
                             ("did not mask the keys past seq_k in the last block", _flash_no_tail_mask),
                             ("stored log(l) as the log-sum-exp: it is m + log(l)", _flash_lse_without_max),
                             ("did not rescale acc by alpha = exp(m - m_new) when the max grew", _flash_no_acc_rescale),
+                            ("did not rescale l by alpha = exp(m - m_new) when the max grew", _flash_no_l_rescale),
                             ("kept no running max: exp of the raw scores overflows float32", _flash_no_running_max)),
 })
 QUESTIONS.update({q.name: dataclasses.replace(q, mistakes=MISTAKES[q.name]) for q in FLASH_QUESTIONS})

@@ -103,4 +103,5 @@ HINTS = {("flash_attention_fwd", "no scale"): "left out the softmax scale",
          ("flash_attention_fwd", "no tail mask on the keys"): "did not mask the keys past seq_k",
          ("flash_attention_fwd", "log(l) stored as the lse"): "stored log(l) as the log-sum-exp",
          ("flash_attention_fwd", "acc not rescaled"): "did not rescale acc",
+         ("flash_attention_fwd", "l not rescaled"): "did not rescale l",
          ("flash_attention_fwd", "no running max"): "kept no running max"}
