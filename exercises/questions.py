@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -1258,6 +1259,11 @@ def _flash_lse_without_max(q, k, v, is_causal):
     return o, (lse.double() - scores.max(-1).values).float()  # log(l) alone: m left out
 
 
+def _flash_lse_base_2(q, k, v, is_causal):
+    o, lse = _flash_ref(q, k, v, is_causal)
+    return o, lse / math.log(2)  # log2 of the sum: exp2 with the scale folded into log2(e), never converted back
+
+
 def _flash_blocks(q, k, v, is_causal, rescale_acc: bool = True, rescale_l: bool = True, running_max: bool = True):
     """The kernel's loop in PyTorch, in float32 over key blocks of the harness's FLASH_BLOCK_N, for the mistakes
     whose answer depends on the blocks (an answer whose blocks differ is not told which mistake it made)."""
@@ -1313,7 +1319,8 @@ MISTAKES.update({
                             ("stored log(l) as the log-sum-exp: it is m + log(l)", _flash_lse_without_max),
                             ("did not rescale acc by alpha = exp(m - m_new) when the max grew", _flash_no_acc_rescale),
                             ("did not rescale l by alpha = exp(m - m_new) when the max grew", _flash_no_l_rescale),
-                            ("kept no running max: exp of the raw scores overflows float32", _flash_no_running_max)),
+                            ("kept no running max: exp of the raw scores overflows float32", _flash_no_running_max),
+                            ("stored the log-sum-exp in base 2 (exp2): lse is a natural log", _flash_lse_base_2)),
 })
 QUESTIONS.update({q.name: dataclasses.replace(q, mistakes=MISTAKES[q.name]) for q in FLASH_QUESTIONS})
 EXERCISES["13_flash_kernel"] = Exercise(("online_softmax_step", "flash_attention_fwd"))

@@ -105,3 +105,13 @@ HINTS = {("flash_attention_fwd", "no scale"): "left out the softmax scale",
          ("flash_attention_fwd", "acc not rescaled"): "did not rescale acc",
          ("flash_attention_fwd", "l not rescaled"): "did not rescale l",
          ("flash_attention_fwd", "no running max"): "kept no running max"}
+
+
+def flash_lse_base_2(q, k, v, is_causal):
+    """The right kernel's output, its log-sum-exp in base 2 (an exp2 kernel that never converts back)."""
+    o, lse = flash_attention_fwd(RIGHT)(q, k, v, is_causal)
+    return o, lse * 1.4426950408889634
+
+
+MUTANTS.append(("flash_attention_fwd", "lse in base 2", flash_lse_base_2))
+HINTS[("flash_attention_fwd", "lse in base 2")] = "stored the log-sum-exp in base 2"
