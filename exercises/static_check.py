@@ -306,14 +306,16 @@ def kernel_source(cells: list[str], contract: KernelContract, routes: tuple[str,
 
 
 GROWING = {"cat", "join", "interleave", "histogram"}  # tl functions that make a tensor longer than their inputs
-BLOCK_SHAPE = {"make_block_ptr": 4, "make_tensor_descriptor": 3}  # position of block_shape
+# tl functions that take a shape, and its position (a tensor method: one less); a keyword `shape` or `block_shape`
+SHAPED = {"zeros": 0, "full": 0, "broadcast_to": 1, "reshape": 1, "view": 1, "make_block_ptr": 4,
+          "make_tensor_descriptor": 3}
 
 
 def _check_tiles(node: ast.FunctionDef, contract: KernelContract) -> None:
     """Raise KernelRefused where the kernel builds a tile that is not made of the contract's tile sizes:
-    `tl.arange` other than `tl.arange(0, T)`, a shape (a list or tuple argument of a `tl` call) with an entry
-    other than a T or 1, or a `tl` function that concatenates (GROWING), T in `contract.tiles`. A kernel that
-    holds a whole row of scores at once needs a tile of the row's length: it has none, so it must loop."""
+    `tl.arange` other than `tl.arange(0, T)`, a shape (SHAPED) other than a T, `x.shape` or a list of T and 1,
+    or a `tl` function that concatenates (GROWING), T in `contract.tiles`. A kernel that holds a whole row of
+    scores at once needs a tile of the row's length: it has none, so it must loop."""
     tiles = ", ".join(contract.tiles)
     rule = (f"a graded {contract.kernel} builds its tiles from tl.arange(0, T) and shapes of T, T in ({tiles}) "
             "(it walks the keys in a loop, BLOCK_N at a time)")
@@ -321,23 +323,29 @@ def _check_tiles(node: ast.FunctionDef, contract: KernelContract) -> None:
     def tile(arg) -> bool:
         return isinstance(arg, ast.Name) and arg.id in contract.tiles
 
+    def shape(arg) -> bool:
+        if isinstance(arg, (ast.List, ast.Tuple)):
+            return all(tile(e) or (isinstance(e, ast.Constant) and e.value == 1) for e in arg.elts)
+        return tile(arg) or (isinstance(arg, ast.Attribute) and arg.attr == "shape")
+
     for sub in ast.walk(node):
-        if not (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute)
-                and isinstance(sub.func.value, ast.Name) and sub.func.value.id == "tl"):
+        if not (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute)):
             continue
-        line = f"{contract.kernel}, line {sub.lineno}"
-        if sub.func.attr in GROWING:
-            raise KernelRefused(f"{line}: uses tl.{sub.func.attr}; {rule}")
-        if sub.func.attr == "arange":
+        name, line = sub.func.attr, f"{contract.kernel}, line {sub.lineno}"
+        of_tl = isinstance(sub.func.value, ast.Name) and sub.func.value.id == "tl"
+        if of_tl and name in GROWING:
+            raise KernelRefused(f"{line}: uses tl.{name}; {rule}")
+        if of_tl and name == "arange":
             start = sub.args[0] if sub.args else None
             if len(sub.args) != 2 or sub.keywords or not isinstance(start, ast.Constant) or start.value != 0 \
                     or not tile(sub.args[1]):
-                raise KernelRefused(f"{line}: tl.arange({ast.unparse(sub)[len('tl.arange('):-1]}); {rule}")
-        shapes = [*sub.args, *(k.value for k in sub.keywords)]
-        if sub.func.attr in BLOCK_SHAPE:  # the tensor's shape, strides, offsets: any; its block's: tiles
-            at = BLOCK_SHAPE[sub.func.attr]
-            shapes = [k.value for k in sub.keywords if k.arg == "block_shape"] + sub.args[at:at + 1]
-        for arg in shapes:
-            if isinstance(arg, (ast.List, ast.Tuple)) and not all(
-                    tile(e) or (isinstance(e, ast.Constant) and e.value == 1) for e in arg.elts):
+                raise KernelRefused(f"{line}: {ast.unparse(sub)}; {rule}")
+        if name not in SHAPED or (not of_tl and name not in ("broadcast_to", "reshape", "view")):
+            continue
+        at = SHAPED[name] - (0 if of_tl else 1)
+        given = [k.value for k in sub.keywords if k.arg in ("shape", "block_shape")] + sub.args[at:at + 1]
+        if name in ("reshape", "view") and not of_tl:  # x.reshape(A, B): the shape as separate arguments
+            given = [ast.Tuple(sub.args)] if len(sub.args) > 1 else given
+        for arg in given:
+            if not shape(arg):
                 raise KernelRefused(f"{line}: shape {ast.unparse(arg)}; {rule}")
