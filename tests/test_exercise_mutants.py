@@ -138,7 +138,8 @@ def test_merge_splits_reference_is_attention_over_the_whole_cache():
 
 def test_flash_kernel_must_walk_the_keys_in_tiles(tmp_path, monkeypatch):
     """13_flash_kernel's rule: tiles only of BLOCK_M, BLOCK_N, HEAD_DIM. The notebook's kernel passes; the same
-    kernel holding a row of 512 scores, or growing a tile with tl.cat, is refused by grading and by the check."""
+    kernel holding a row of 512 scores (an arange, a shape), or growing a tile with tl.cat, is refused by grading
+    and by the check."""
     import importlib
 
     from exercises import assignments, grade, static_check
@@ -150,7 +151,10 @@ def test_flash_kernel_must_walk_the_keys_in_tiles(tmp_path, monkeypatch):
     static_check.kernel_source([source], contract, ())
     whole_row = source.replace("tl.arange(0, BLOCK_N)", "tl.arange(0, 512)")
     grown = source.replace("d = tl.arange(0, HEAD_DIM)", "d = tl.cat(tl.arange(0, HEAD_DIM), tl.arange(0, HEAD_DIM))")
-    for wrong, what in ((whole_row, r"tl\.arange\(0, 512\)"), (grown, r"uses tl\.cat")):
+    row_sum = source.replace("tl.zeros([BLOCK_M], dtype", "tl.zeros([BLOCK_M, 512], dtype")
+    for wrong, what in ((whole_row, r"tl\.arange\(0, 512\)"), (grown, r"uses tl\.cat"),
+                        (row_sum, r"shape \[BLOCK_M, 512\]")):
+        assert wrong != source
         with pytest.raises(static_check.KernelRefused, match=what):
             static_check.kernel_source([wrong], contract, ())
     (tmp_path / "whole_row.py").write_text("import torch\nimport triton\nimport triton.language as tl\n\n\n" + whole_row
