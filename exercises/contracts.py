@@ -23,6 +23,9 @@ class KernelContract:
     constexprs: dict[str, int]  # the `tl.constexpr` parameters, with the values the GPU compile uses
     signature: dict[str, str]  # Triton types of the other parameters, for the GPU compile
     launch: Callable[..., torch.Tensor]  # (kernel, *question args) -> result; the grid and constexprs are here
+    # where not empty: the only tile sizes the kernel may build (tl.arange(0, one of these), shapes made of
+    # them), so that it must loop over what is longer than a tile (exercises.static_check.kernel_source)
+    tiles: tuple[str, ...] = ()
 
 
 def _next_power_of_2(n: int) -> int:
@@ -49,6 +52,23 @@ def _launch_decode(kernel, q_latent, q_pe, c_kv, k_pe, scale: float) -> torch.Te
     return out
 
 
+FLASH_BLOCK_M = FLASH_BLOCK_N = 16  # the flash kernel's tiles under the interpreter (tl.dot needs 16 or more)
+
+
+def _launch_flash(kernel, q, k, v, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [batch, heads, seq_q, d], k and v [batch, heads, seq_k, d] -> (o like q, lse [batch, heads, seq_q] float32),
+    through [batch * heads, seq, d] contiguous tensors; grid (query blocks, batch * heads)."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    q, k, v = (t.reshape(batch * heads, -1, head_dim).contiguous() for t in (q, k, v))
+    o = torch.empty_like(q)
+    lse = torch.empty(batch * heads, seq_q, dtype=torch.float32, device=q.device)
+    grid = ((seq_q + FLASH_BLOCK_M - 1) // FLASH_BLOCK_M, batch * heads)
+    kernel[grid](q, k, v, o, lse, seq_q, seq_k, head_dim ** -0.5, BLOCK_M=FLASH_BLOCK_M, BLOCK_N=FLASH_BLOCK_N,
+                 HEAD_DIM=head_dim, IS_CAUSAL=bool(is_causal))
+    return o.view(batch, heads, seq_q, head_dim), lse.view(batch, heads, seq_q)
+
+
 CONTRACTS = {
     "softmax_rows": KernelContract(
         "softmax_kernel", ("x_ptr", "out_ptr", "n_cols", "BLOCK"), {"BLOCK": 128},
@@ -58,7 +78,14 @@ CONTRACTS = {
                               "scale", "R", "DR", "BLOCK_T"), {"R": 16, "DR": 8, "BLOCK_T": DECODE_BLOCK_T},
         {"q_latent_ptr": "*fp32", "q_pe_ptr": "*fp32", "c_kv_ptr": "*fp32", "k_pe_ptr": "*fp32",
          "out_ptr": "*fp32", "kv_len": "i32", "heads": "i32", "scale": "fp32"}, _launch_decode),
+    "flash_attention_fwd": KernelContract(  # compiled as an H100 would run it: float16, 64 x 64 tiles, causal
+        "flash_fwd_kernel", ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "lse_ptr", "seq_q", "seq_k", "scale", "BLOCK_M",
+                             "BLOCK_N", "HEAD_DIM", "IS_CAUSAL"),
+        {"BLOCK_M": 64, "BLOCK_N": 64, "HEAD_DIM": 64, "IS_CAUSAL": True},
+        {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "o_ptr": "*fp16", "lse_ptr": "*fp32",
+         "seq_q": "i32", "seq_k": "i32", "scale": "fp32"}, _launch_flash, tiles=("BLOCK_M", "BLOCK_N", "HEAD_DIM")),
 }
+
 
 def define_kernel(source: str, name: str, filename: str):
     """The plain function `name` defined by `source` (one `def`, no decorator, no defaults: see

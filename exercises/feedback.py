@@ -181,6 +181,22 @@ def _check_contract(name: str, fn) -> None:
     if params != contract.params:
         raise AssertionError(f"grading launches {contract.kernel} itself, as {wanted}; yours takes "
                              f"({', '.join(params)})")
+    if contract.tiles:
+        _check_tiles(kernel, contract)
+
+
+def _check_tiles(kernel, contract) -> None:
+    """A contract with tile sizes (exercises.contracts): grading refuses other tiles; say so now."""
+    from exercises.static_check import KernelRefused, kernel_source
+
+    try:
+        source = inspect.getsource(getattr(kernel, "fn", kernel))
+    except (OSError, TypeError):  # no source to read: grading reads the notebook's
+        return
+    try:
+        kernel_source([source], contract, ())
+    except KernelRefused as error:
+        raise AssertionError(f"grading refuses your kernel: {error}") from None
 
 
 def kernel_device() -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Callable
@@ -1142,3 +1143,185 @@ MTP_QUESTIONS = [
              ("refimpl.speculative.verify_drafts",), n_visible=3),
 ]
 QUESTIONS.update({q.name: q for q in MTP_QUESTIONS})
+
+
+# ---------------------------------------------------------------------------------------------------- 13: flash kernel
+# A self-contained block: the questions of exercises/src/13_flash_kernel.ipynb (lesson 15), added to QUESTIONS,
+# MISTAKES and EXERCISES. Hidden cases are stratified (`_kind`): every seed's cases cover every kind below.
+def _online_step_args(gen, hidden):
+    """One KV block folded into a running state (m [rows], l [rows], acc [rows, d]) by its scaled scores
+    [rows, n] (-inf where masked) and values [n, d]. Kinds: the first block (m = -inf, l = 0, acc = 0); a running
+    state from earlier blocks with large scores (exp overflows float32 without the max), the new block's max above
+    the running max in some rows and below in others; rows whose whole block is masked (-inf), m finite."""
+    kind = _kind(gen, ("first", "running", "masked") if hidden else ("running", "masked"))
+    rows, n, d = (_pick(gen, 1, 3, 7), _pick(gen, 1, 5, 16), _pick(gen, 4, 8, 16)) if hidden else (4, 6, 8)
+    scale = 30.0 if kind == "running" else 1.0
+    scores, v = _randn(gen, rows, n, scale=scale), _randn(gen, n, d)
+    if kind == "first":
+        scores[torch.rand(rows, n, generator=gen) < 0.3] = float("-inf")
+        scores[:, 0] = _randn(gen, rows)  # every row sees a key of this block
+        return (torch.full((rows,), float("-inf")), torch.zeros(rows), torch.zeros(rows, d), scores, v)
+    earlier = _randn(gen, rows, _pick(gen, 2, 9) if hidden else 5, scale=scale).double()  # earlier blocks' scores
+    m = earlier.max(-1).values
+    l = (earlier - m[:, None]).exp().sum(-1)
+    acc = (earlier - m[:, None]).exp() @ _randn(gen, earlier.shape[1], d).double()
+    if kind == "masked":
+        scores[::2] = float("-inf")  # rows 0, 2, ...: the block lies past their causal diagonal
+    return m.float(), l.float(), acc.float(), scores, v
+
+
+def _online_step_ref(m, l, acc, scores, v, rescale_l: bool = True, rescale_acc: bool = True):
+    """(m_new, l_new, acc_new), float32 (computed in float64): the online softmax of FlashAttention (Dao et al.
+    2022, algorithm 1; FlashAttention-2's unnormalized acc): m_new = max(m, rowmax(S)), alpha = exp(m - m_new),
+    P = exp(S - m_new), l_new = alpha l + rowsum(P), acc_new = alpha acc + P v."""
+    m, l, acc, scores, v = (t.double() for t in (m, l, acc, scores, v))
+    m_new = torch.maximum(m, scores.max(-1).values)
+    alpha = (m - m_new).exp()  # [rows]; 0 in the first block (m = -inf)
+    p = (scores - m_new[:, None]).exp()  # [rows, n]
+    l_new = (alpha if rescale_l else 1.0) * l + p.sum(-1)
+    acc_new = (alpha[:, None] if rescale_acc else 1.0) * acc + p @ v
+    return m_new.float(), l_new.float(), acc_new.float()
+
+
+def _online_step_no_acc_rescale(m, l, acc, scores, v):
+    return _online_step_ref(m, l, acc, scores, v, rescale_acc=False)
+
+
+def _online_step_no_l_rescale(m, l, acc, scores, v):
+    return _online_step_ref(m, l, acc, scores, v, rescale_l=False)
+
+
+FLASH_KINDS = (("causal", torch.float32, 16, 1.0), ("full", torch.float16, 64, 1.0),
+               ("full", torch.float32, 32, 30.0), ("causal", torch.float16, 64, 1.0), ("long", torch.float32, 32, 1.0))
+
+
+def _flash_args(gen, hidden):
+    """q [b, h, seq_q, d], k and v [b, h, seq_k, d], is_causal. Kinds (FLASH_KINDS: mask, dtype, head_dim, scale of
+    q): causal after a cached prefix (bottom-right), non-causal with a partial last key block, large scores
+    (exp overflows float32 without the running max), causal at block-multiple sizes or none at all, and a few
+    queries after a long cache (many key blocks). Sizes are mostly not multiples of the 16-wide tiles."""
+    mask, dtype, d, q_scale = _kind(gen, FLASH_KINDS if hidden else FLASH_KINDS[:3])
+    b, h = (_pick(gen, 1, 2), _pick(gen, 1, 3)) if hidden else (1, 2)
+    if mask == "causal" and dtype == torch.float32:  # after a cached prefix, partial blocks
+        seq_q = _pick(gen, 13, 20, 37) if hidden else 20
+        seq_k = seq_q + (_pick(gen, 7, 19, 40) if hidden else 11)
+    elif mask == "causal":
+        seq_q = _pick(gen, 16, 19, 32)
+        seq_k = seq_q + _pick(gen, 0, 16, 25)
+    elif mask == "long":
+        seq_q, seq_k = _pick(gen, 1, 2, 5), _pick(gen, 250, 333, 401)
+    else:
+        seq_q, seq_k = (_pick(gen, 9, 24, 33), _pick(gen, 21, 45, 70)) if hidden else (18, 37)
+    q = _randn(gen, b, h, seq_q, d, scale=q_scale).to(dtype)
+    k, v = (_randn(gen, b, h, seq_k, d).to(dtype) for _ in range(2))
+    return q, k, v, mask != "full"
+
+
+def _flash_ref(q, k, v, is_causal, scale: float | None = None, top_left: bool = False):
+    """(o like q, lse [b, h, seq_q] float32, natural log), computed in float64: softmax(q k^T scale) v and
+    log(sum_j exp(score_j)) over the keys each query sees (causal: bottom-right, refimpl.attention)."""
+    qd, kd, vd = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    mask = None
+    if is_causal:
+        mask = torch.ones(seq_q, seq_k, dtype=torch.bool).tril(0 if top_left else seq_k - seq_q)[None, None]
+    o = attention.scaled_dot_product_attention(qd, kd, vd, mask=mask, scale=scale)
+    scores = (qd @ kd.transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return o.to(q.dtype), scores.logsumexp(-1).float()
+
+
+def _flash_no_scale(q, k, v, is_causal):
+    return _flash_ref(q, k, v, is_causal, scale=1.0)
+
+
+def _flash_top_left(q, k, v, is_causal):
+    return _flash_ref(q, k, v, is_causal, top_left=True)
+
+
+def _flash_no_tail_mask(q, k, v, is_causal):
+    """The keys past seq_k in the last BLOCK_N block loaded as 0: scores 0, values 0 (causal masks them anyway)."""
+    from exercises.contracts import FLASH_BLOCK_N
+
+    if is_causal:  # the padded keys lie past every query's position
+        return _flash_ref(q, k, v, True)
+    pad = -k.shape[-2] % FLASH_BLOCK_N
+    return _flash_ref(q, *(torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v)), False)
+
+
+def _flash_lse_without_max(q, k, v, is_causal):
+    o, lse = _flash_ref(q, k, v, is_causal)
+    scores = (q.double() @ k.double().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if is_causal:
+        mask = torch.ones(*scores.shape[-2:], dtype=torch.bool).tril(k.shape[-2] - q.shape[-2])
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return o, (lse.double() - scores.max(-1).values).float()  # log(l) alone: m left out
+
+
+def _flash_lse_base_2(q, k, v, is_causal):
+    o, lse = _flash_ref(q, k, v, is_causal)
+    return o, lse / math.log(2)  # log2 of the sum: exp2 with the scale folded into log2(e), never converted back
+
+
+def _flash_blocks(q, k, v, is_causal, rescale_acc: bool = True, rescale_l: bool = True, running_max: bool = True):
+    """The kernel's loop in PyTorch, in float32 over key blocks of the harness's FLASH_BLOCK_N, for the mistakes
+    whose answer depends on the blocks (an answer whose blocks differ is not told which mistake it made)."""
+    from exercises.contracts import FLASH_BLOCK_N
+
+    seq_q, seq_k = q.shape[-2], k.shape[-2]
+    q, k, v = (t.float() for t in (q, k, v))
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool)
+    visible = visible.tril(seq_k - seq_q) if is_causal else visible
+    m = torch.full(q.shape[:-1], float("-inf"))  # [b, h, seq_q]
+    l, acc = torch.zeros(q.shape[:-1]), torch.zeros_like(q)
+    for start in range(0, seq_k, FLASH_BLOCK_N):
+        block = slice(start, start + FLASH_BLOCK_N)
+        scores = (q @ k[..., block, :].transpose(-2, -1)) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~visible[:, block], float("-inf"))
+        m_new = torch.maximum(m, scores.amax(-1)) if running_max else torch.zeros_like(m)
+        alpha = (m - m_new).exp()
+        p = (scores - m_new[..., None]).exp()
+        l = (alpha if rescale_l else 1.0) * l + p.sum(-1)
+        acc = (alpha[..., None] if rescale_acc else 1.0) * acc + p @ v[..., block, :]
+        m = m_new
+    return acc / l[..., None], m + l.log()  # o in float32: the callers cast it to the inputs' dtype
+
+
+def _flash_no_acc_rescale(q, k, v, is_causal):
+    o, lse = _flash_blocks(q, k, v, is_causal, rescale_acc=False)
+    return o.to(q.dtype), lse
+
+
+def _flash_no_l_rescale(q, k, v, is_causal):
+    o, lse = _flash_blocks(q, k, v, is_causal, rescale_l=False)
+    return o.to(q.dtype), lse
+
+
+def _flash_no_running_max(q, k, v, is_causal):
+    o, lse = _flash_blocks(q, k, v, is_causal, running_max=False)
+    return o.to(q.dtype), lse
+
+
+FLASH_QUESTIONS = [
+    # no library does this step (a softmax normalizes; this keeps exp(S - m_new) unnormalized): nothing forbidden
+    Question("online_softmax_step", ("m", "l", "acc", "scores", "v"), _online_step_args, _online_step_ref, (),
+             atol=1e-5, rtol=1e-4),
+    Question("flash_attention_fwd", ("q", "k", "v", "is_causal"), _flash_args, _flash_ref,
+             SOFTMAX_EQUIVALENTS + SDPA_EQUIVALENTS, triton=True, atol=2e-3, rtol=2e-3, call_timeout=60.0,
+             routes=SOFTMAX_ROUTES + ATTENTION_ROUTES, n_visible=3, n_hidden=5),
+]
+MISTAKES.update({
+    "online_softmax_step": (("did not rescale acc by alpha = exp(m - m_new)", _online_step_no_acc_rescale),
+                            ("did not rescale l by alpha = exp(m - m_new)", _online_step_no_l_rescale)),
+    "flash_attention_fwd": ((NO_SCALE, _flash_no_scale), (TOP_LEFT, _flash_top_left),
+                            ("did not mask the keys past seq_k in the last block", _flash_no_tail_mask),
+                            ("stored log(l) as the log-sum-exp: it is m + log(l)", _flash_lse_without_max),
+                            ("did not rescale acc by alpha = exp(m - m_new) when the max grew", _flash_no_acc_rescale),
+                            ("did not rescale l by alpha = exp(m - m_new) when the max grew", _flash_no_l_rescale),
+                            ("kept no running max: exp of the raw scores overflows float32", _flash_no_running_max),
+                            ("stored the log-sum-exp in base 2 (exp2): lse is a natural log", _flash_lse_base_2)),
+})
+QUESTIONS.update({q.name: dataclasses.replace(q, mistakes=MISTAKES[q.name]) for q in FLASH_QUESTIONS})
+EXERCISES["13_flash_kernel"] = Exercise(("online_softmax_step", "flash_attention_fwd"))

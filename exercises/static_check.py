@@ -16,7 +16,8 @@ submission controls everything there. So the grader reads the code cells here, a
   every question, since any of them can reach any function.
 
 A kernel question's `@triton.jit` function is checked on its own (`kernel_source`): the contract's name and
-parameters, a body that uses only its arguments, its own variables, `tl` and a few built-ins.
+parameters, a body that uses only its arguments, its own variables, `tl` and a few built-ins, and, where the
+contract names tile sizes (`KernelContract.tiles`), tiles made of them only.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ MODULE_ATTRS = {"sys": {"path", "stdin", "stdout"}, "os": {"read", "write", "dup
 CODE_MAGICS = {"time", "timeit", "capture"}  # whose body (cell) or argument (line) is code, read as such
 PLAIN_MAGICS = {"matplotlib"}  # whose argument is not code
 KERNEL_BUILTINS = {"range", "float", "int", "min", "max", "len", "abs"}
+# DYNAMIC_ATTRS that are harmless on a module: `tl.load` is Triton's load from a pointer (a notebook with a kernel
+# and a plain question), allowed where the name is bound to triton.language and to nothing else in the notebook
+MODULE_OK = {"triton.language": {"load"}}
 
 
 @dataclass
@@ -85,6 +89,8 @@ class _Reader(ast.NodeVisitor):
                  findings: Findings):
         self.where, self.allowed_refimpl, self.routes, self.findings = where, allowed_refimpl, routes, findings
         self.modules: dict[str, str] = {}  # local name -> module it is bound to
+        self.rebound: set[str] = set()  # names bound otherwise than by an import of a module (anywhere)
+        self.deferred: list[tuple[str, str]] = []  # (name, finding) of MODULE_OK uses, void if name is rebound
 
     def _everything(self, node, what: str) -> None:
         self.findings.everything.append(f"{self.where}, line {getattr(node, 'lineno', '?')}: {what}")
@@ -109,6 +115,8 @@ class _Reader(ast.NodeVisitor):
                 self._everything(node, f"imports {alias.name}, which graded answers may not import")
             self.modules[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else \
                 alias.name.split(".")[0]
+            if alias.asname and alias.name not in MODULE_OK:
+                self.rebound.add(alias.asname)
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         module = node.module or ""
@@ -121,9 +129,39 @@ class _Reader(ast.NodeVisitor):
                                                        self._module_allowed(full)):
                 self._everything(node, f"imports {'.' * node.level}{full}, which graded answers may not import")
             self.modules[alias.asname or alias.name] = full
+            if full not in MODULE_OK:
+                self.rebound.add(alias.asname or alias.name)
+
+    def _bind(self, node, name: str | None) -> None:
+        if name:
+            self.rebound.add(name)
+        self.generic_visit(node)
+
+    def visit_arg(self, node: ast.arg) -> None:
+        self._bind(node, node.arg)
+
+    def visit_ExceptHandler(self, node: ast.ExceptHandler) -> None:
+        self._bind(node, node.name)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        self._bind(node, node.name)
+
+    visit_AsyncFunctionDef = visit_ClassDef = visit_FunctionDef
+
+    def visit_MatchAs(self, node) -> None:
+        self._bind(node, node.name)
+
+    visit_MatchStar = visit_MatchAs
+
+    def visit_Global(self, node) -> None:
+        self.rebound.update(node.names)
+
+    visit_Nonlocal = visit_Global
 
     def visit_Name(self, node: ast.Name) -> None:
         self._word(node, node.id)
+        if not isinstance(node.ctx, ast.Load):
+            self.rebound.add(node.id)
         if node.id in DYNAMIC_NAMES or node.id in ATTR_CALLS or (node.id.startswith("__") and
                                                                  node.id not in DUNDERS_OK):
             self._everything(node, f"uses `{node.id}`, which can reach any function unseen")
@@ -132,7 +170,10 @@ class _Reader(ast.NodeVisitor):
         self._word(node, node.attr)
         dunder = node.attr.startswith("__") and node.attr not in DUNDERS_OK
         owner = self.modules.get(node.value.id) if isinstance(node.value, ast.Name) else None
-        if dunder or node.attr in DYNAMIC_ATTRS or node.attr in MODULE_ATTRS.get(owner or "", ()):
+        if node.attr in MODULE_OK.get(owner or "", ()):  # rebound later in the notebook: flagged at the end
+            where = f"{self.where}, line {getattr(node, 'lineno', '?')}"
+            self.deferred.append((node.value.id, f"{where}: uses `.{node.attr}`, which can reach any function unseen"))
+        elif dunder or node.attr in DYNAMIC_ATTRS or node.attr in MODULE_ATTRS.get(owner or "", ()):
             self._everything(node, f"uses `.{node.attr}`, which can reach any function unseen")
         self.visit(node.value)
 
@@ -192,6 +233,7 @@ def check_cells(cells: list[str], questions, may_import: tuple[str, ...]) -> Fin
         if "get_ipython().system(" in code or "get_ipython().getoutput(" in code:
             findings.everything.append(f"cell {i + 1}: runs a shell command (!...), which the grader cannot read")
         reader.read(code, f"cell {i + 1}")
+    findings.everything += [what for name, what in reader.deferred if name in reader.rebound]
     findings.everything = list(dict.fromkeys(findings.everything))
     return findings
 
@@ -257,5 +299,53 @@ def kernel_source(cells: list[str], contract: KernelContract, routes: tuple[str,
         if isinstance(sub, ast.Name) and word not in local | {"tl"} | KERNEL_BUILTINS:
             raise KernelRefused(f"{line}: uses `{word}`; a graded kernel uses only its arguments, its own "
                                 f"variables, `tl` and {', '.join(sorted(KERNEL_BUILTINS))}")
+    if contract.tiles:
+        _check_tiles(node, contract)
     plain = ast.FunctionDef(node.name, node.args, node.body, [], None, None, type_params=[])
     return ast.unparse(ast.fix_missing_locations(plain)) + "\n"
+
+
+GROWING = {"cat", "join", "interleave", "histogram"}  # tl functions that make a tensor longer than their inputs
+# tl functions that take a shape, and its position (a tensor method: one less); a keyword `shape` or `block_shape`
+SHAPED = {"zeros": 0, "full": 0, "broadcast_to": 1, "reshape": 1, "view": 1, "make_block_ptr": 4,
+          "make_tensor_descriptor": 3}
+
+
+def _check_tiles(node: ast.FunctionDef, contract: KernelContract) -> None:
+    """Raise KernelRefused where the kernel builds a tile that is not made of the contract's tile sizes:
+    `tl.arange` other than `tl.arange(0, T)`, a shape (SHAPED) other than a T, `x.shape` or a list of T and 1,
+    or a `tl` function that concatenates (GROWING), T in `contract.tiles`. A kernel that holds a whole row of
+    scores at once needs a tile of the row's length: it has none, so it must loop."""
+    tiles = ", ".join(contract.tiles)
+    rule = (f"a graded {contract.kernel} builds its tiles from tl.arange(0, T) and shapes of T, T in ({tiles}) "
+            "(it walks the keys in a loop, BLOCK_N at a time)")
+
+    def tile(arg) -> bool:
+        return isinstance(arg, ast.Name) and arg.id in contract.tiles
+
+    def shape(arg) -> bool:
+        if isinstance(arg, (ast.List, ast.Tuple)):
+            return all(tile(e) or (isinstance(e, ast.Constant) and e.value == 1) for e in arg.elts)
+        return tile(arg) or (isinstance(arg, ast.Attribute) and arg.attr == "shape")
+
+    for sub in ast.walk(node):
+        if not (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute)):
+            continue
+        name, line = sub.func.attr, f"{contract.kernel}, line {sub.lineno}"
+        of_tl = isinstance(sub.func.value, ast.Name) and sub.func.value.id == "tl"
+        if of_tl and name in GROWING:
+            raise KernelRefused(f"{line}: uses tl.{name}; {rule}")
+        if of_tl and name == "arange":
+            start = sub.args[0] if sub.args else None
+            if len(sub.args) != 2 or sub.keywords or not isinstance(start, ast.Constant) or start.value != 0 \
+                    or not tile(sub.args[1]):
+                raise KernelRefused(f"{line}: {ast.unparse(sub)}; {rule}")
+        if name not in SHAPED or (not of_tl and name not in ("broadcast_to", "reshape", "view")):
+            continue
+        at = SHAPED[name] - (0 if of_tl else 1)
+        given = [k.value for k in sub.keywords if k.arg in ("shape", "block_shape")] + sub.args[at:at + 1]
+        if name in ("reshape", "view") and not of_tl:  # x.reshape(A, B): the shape as separate arguments
+            given = [ast.Tuple(sub.args)] if len(sub.args) > 1 else given
+        for arg in given:
+            if not shape(arg):
+                raise KernelRefused(f"{line}: shape {ast.unparse(arg)}; {rule}")

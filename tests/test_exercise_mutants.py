@@ -19,17 +19,18 @@ from exercises.compare import mismatch
 from exercises.questions import MISTAKES, QUESTIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from exercise_mutants import answers, kernels  # noqa: E402
+from exercise_mutants import answers, flash, kernels  # noqa: E402
 
 SEEDS = (0, 1, 2, 3)  # instructor seeds: the stratified hidden cases catch every mutant at each
 MUTANTS = ([(name, f"mistake: {what}", fn, what) for name, ms in MISTAKES.items() for what, fn in ms
             if not QUESTIONS[name].triton]
            + [(name, what, fn, None) for name, what, fn in answers.MUTANTS]
-           + [(name, what, fn, None) for name, what, fn in kernels.MUTANTS])
+           + [(name, what, fn, None) for name, what, fn in kernels.MUTANTS]
+           + [(name, what, fn, None) for name, what, fn in flash.MUTANTS])
 KERNEL_HINTS = {("softmax_rows", "no max subtracted"): "did not subtract the row max",
                 ("softmax_rows", "masked lanes loaded as 0.0"): "loaded the masked lanes as 0.0",
                 ("mla_decode_block", "no tail mask on the scores"): "did not mask the positions past kv_len",
-                ("mla_decode_block", "no scale"): "left out the scale"}
+                ("mla_decode_block", "no scale"): "left out the scale", **flash.HINTS}
 
 
 @functools.cache
@@ -74,7 +75,8 @@ def test_mutant_fails_the_visible_check_and_loses_hidden_points(name, what, fn, 
     assert [s for s in SEEDS if _loses_hidden_points(name, fn, s)] == list(SEEDS)
 
 
-@pytest.mark.parametrize("name, fn", kernels.RIGHT_ANSWERS, ids=[n for n, _ in kernels.RIGHT_ANSWERS])
+@pytest.mark.parametrize("name, fn", kernels.RIGHT_ANSWERS + flash.RIGHT_ANSWERS,
+                         ids=[n for n, _ in kernels.RIGHT_ANSWERS + flash.RIGHT_ANSWERS])
 def test_right_kernels_pass_the_visible_and_the_hidden_cases(name, fn, monkeypatch):
     monkeypatch.setattr(feedback, "_check_contract", lambda name, fn: None)  # MUTANT=0: see above
     feedback.check(name, fn)
@@ -132,3 +134,32 @@ def test_merge_splits_reference_is_attention_over_the_whole_cache():
     outs = torch.stack([(s.softmax(-1)[..., None] * val).sum(-2) for s, val in parts])  # empty part: zeros
     whole = scaled_dot_product_attention(q, k, v)[:, :, 0]
     assert torch.allclose(_split_ref(outs.float(), lses.float()).double(), whole, atol=1e-6)
+
+
+def test_flash_kernel_must_walk_the_keys_in_tiles(tmp_path, monkeypatch):
+    """13_flash_kernel's rule: tiles only of BLOCK_M, BLOCK_N, HEAD_DIM. The notebook's kernel passes; the same
+    kernel holding a row of 512 scores (an arange, a shape), or growing a tile with tl.cat, is refused by grading
+    and by the check."""
+    import importlib
+
+    from exercises import assignments, grade, static_check
+    from exercises.contracts import CONTRACTS
+
+    contract = CONTRACTS["flash_attention_fwd"]
+    cells = grade.read_cells(assignments.load("13_flash_kernel").path)
+    source = next(c for c in cells if "def flash_fwd_kernel" in c)
+    static_check.kernel_source([source], contract, ())
+    whole_row = source.replace("tl.arange(0, BLOCK_N)", "tl.arange(0, 512)")
+    grown = source.replace("d = tl.arange(0, HEAD_DIM)", "d = tl.cat(tl.arange(0, HEAD_DIM), tl.arange(0, HEAD_DIM))")
+    row_sum = source.replace("tl.zeros([BLOCK_M], dtype", "tl.zeros([BLOCK_M, 512], dtype")
+    for wrong, what in ((whole_row, r"tl\.arange\(0, 512\)"), (grown, r"uses tl\.cat"),
+                        (row_sum, r"shape \[BLOCK_M, 512\]")):
+        assert wrong != source
+        with pytest.raises(static_check.KernelRefused, match=what):
+            static_check.kernel_source([wrong], contract, ())
+    (tmp_path / "whole_row.py").write_text("import torch\nimport triton\nimport triton.language as tl\n\n\n" + whole_row
+                                           + "\n\ndef flash_attention_fwd(q, k, v, is_causal):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("whole_row")
+    with pytest.raises(AssertionError, match=r"grading refuses your kernel: .*tl.arange\(0, 512\)"):
+        feedback.check("flash_attention_fwd", module.flash_attention_fwd)
