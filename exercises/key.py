@@ -2,9 +2,9 @@
 
 Each source notebook `exercises/src/NN_topic.ipynb` with its worked answers, executed top to bottom: otter's raw
 marker cells (`# ASSIGNMENT CONFIG`, `# BEGIN QUESTION`, `# BEGIN SOLUTION`, `# BEGIN TESTS`, their ends) are
-dropped; in a solution cell the `# BEGIN SOLUTION NO PROMPT` / `# END SOLUTION` lines and the stub between
-`""" # BEGIN PROMPT` and `""" # END PROMPT` go, and a line's trailing `# SOLUTION` comment. The check cells stay:
-they run the visible cases, as in the student's notebook. Hidden cases are not in any notebook (they are drawn at
+dropped; in a solution cell the `# BEGIN SOLUTION NO PROMPT` / `# END SOLUTION` lines and the stub (the string
+between `# BEGIN PROMPT` and `# END PROMPT`) go, and a line's trailing `# SOLUTION` comment. The check cells stay, and
+print that the visible cases pass: they run those cases, as in the student's notebook. Hidden cases are not in any notebook (they are drawn at
 grading time from the instructor's seed, which the key never sees). It fails closed, like the release: the key
 is written to `--out` only when every notebook executed without an error and no otter marker and no machine path
 (the checkout's) is left in it.
@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import nbformat
+import yaml
 
 from exercises import assignments
 from exercises.release import MARKERS, SINGLE_LINE, ReleaseError
@@ -35,12 +36,21 @@ CELL_TIMEOUT = 300  # seconds per cell
 def key_notebook(source: Path) -> nbformat.NotebookNode:
     """The source notebook with the worked answers and without otter's markers (not executed)."""
     notebook = nbformat.read(source, as_version=4)
-    cells = [c for c in notebook.cells if not (c.cell_type == "raw" and OTTER_RAW.match(c.source))]
-    for cell in cells:
+    cells, question, in_tests = [], None, False
+    for cell in notebook.cells:
+        if cell.cell_type == "raw" and OTTER_RAW.match(cell.source):
+            marker = cell.source.strip()
+            if marker.startswith("# BEGIN QUESTION"):
+                question = (yaml.safe_load(marker.split("\n", 1)[1]) or {}).get("name")
+            in_tests = marker.startswith("# BEGIN TESTS") or (in_tests and not marker.startswith("# END TESTS"))
+            continue
         if cell.cell_type == "code":
             text = SOLUTION_MARKER.sub("", PROMPT.sub("", cell.source))
             cell.source = "\n".join(SINGLE_LINE.sub("", line) for line in text.splitlines()).rstrip()
+            if in_tests:
+                cell.source += f'\nprint("{question}: the visible cases pass")'
             cell.outputs, cell.execution_count = [], None
+        cells.append(cell)
     notebook.cells = cells
     notebook.metadata.pop("otter", None)
     return notebook

@@ -1,0 +1,193 @@
+"""The Gradescope bundle and the solution key: a bundle unzipped into a folder laid out as Gradescope's
+(`source/`, `submission/`, `results/`) grades with `run_autograder`; the key executes and holds the answers.
+
+Not tested here: a real Gradescope image build (setup.sh's apt-get and pip run only as a dry run) and a real
+Gradescope run.
+"""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from exercises import assignments, gradescope, key, release, sandbox
+from exercises.__main__ import main
+
+REPO = Path(__file__).resolve().parent.parent
+NAME, SEED = "02_rope", 4242
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles")
+    assert main(["gradescope", NAME, "--out", str(out), "--seed", str(SEED)]) == 0
+    return out / f"{NAME}-autograder.zip"
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("release")
+    release.release([NAME], out)
+    return out / f"{NAME}.ipynb"
+
+
+def _autograder(bundle: Path, root: Path, files: dict[str, bytes]) -> tuple[subprocess.CompletedProcess, dict]:
+    """Gradescope's layout under `root` (the bundle in source/, `files` in submission/), run_autograder run;
+    returns the process and results.json."""
+    with zipfile.ZipFile(bundle) as archive:
+        archive.extractall(root / "source")
+    (root / "submission").mkdir()
+    for name, data in files.items():
+        (root / "submission" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "submission" / name).write_bytes(data)
+    shutil.copyfile(root / "source/run_autograder", root / "run_autograder")
+    env = {"PATH": os.environ["PATH"], "AUTOGRADER_ROOT": str(root), "EXERCISES_PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(root / "run_autograder")], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    return done, json.loads((root / "results/results.json").read_text(encoding="utf-8"))
+
+
+def _total(results: dict) -> float:
+    return round(sum(t["score"] for t in results["tests"]), 4)
+
+
+def test_bundle_holds_what_gradescope_runs_and_one_source_notebook(bundle, tmp_path):
+    with zipfile.ZipFile(bundle) as archive:
+        members = {i.filename: i for i in archive.infolist()}
+        config = json.loads(archive.read("gradescope.json"))
+        requirements = archive.read("requirements.txt").decode()
+    for script in ("setup.sh", "run_autograder"):
+        assert members[script].external_attr >> 16 & stat.S_IXUSR, script
+    assert config["assignment"] == NAME and config["seed"] == SEED and not config["allow_limits_only"]
+    assert [m for m in members if m.endswith(".ipynb")] == [f"exercises/src/{NAME}.ipynb"]
+    assert {"exercises/grade.py", "exercises/_child.py", "refimpl/rope.py", "dskernels/moe.py",
+            "refimpl/known_configs/DeepSeek-V3.json"} <= set(members)
+    assert not [m for m in members if "__pycache__" in m or "_release" in m or m.startswith("tests/")]
+    pins = {line.split(";")[0].strip() for line in (REPO / "constraints.txt").read_text().splitlines()}
+    for line in requirements.splitlines()[1:]:
+        name = line.split("==")[0]
+        assert line.split(";")[0].strip() in pins or name in gradescope.UNPINNED, line
+
+
+def test_setup_and_run_scripts_parse_and_setup_dry_run_installs_nothing(bundle, tmp_path):
+    with zipfile.ZipFile(bundle) as archive:
+        archive.extractall(tmp_path / "source")
+    for script in ("setup.sh", "run_autograder"):
+        subprocess.run(["bash", "-n", str(tmp_path / "source" / script)], check=True, timeout=60)
+    venv = tmp_path / "venv"
+    done = subprocess.run(["bash", str(tmp_path / "source/setup.sh"), "--dry-run"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "EXERCISES_VENV": str(venv)})
+    assert done.returncode == 0, done.stderr
+    commands = done.stdout.splitlines()
+    assert any("apt-get install" in c and " bubblewrap " in c for c in commands), commands
+    assert any("--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in c for c in commands), commands
+    assert any(c.endswith(f"-r {tmp_path}/source/requirements.txt") for c in commands), commands
+    assert any("exercises.gradescope --check" in c for c in commands), commands
+    assert not venv.exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("submitted", ["solution", "renamed solution in a folder", "stub"])
+def test_run_autograder_grades_one_notebook(bundle, stub, tmp_path, submitted):
+    source = assignments.load(NAME).path.read_bytes()
+    files = {"solution": {f"{NAME}.ipynb": source},
+             "renamed solution in a folder": {f"work/{NAME} (1).ipynb": source},
+             "stub": {f"{NAME}.ipynb": stub.read_bytes()}}[submitted]
+    done, results = _autograder(bundle, tmp_path / "autograder", files)
+    assert done.returncode == 0, done.stderr
+    maximum = round(sum(t["max_score"] for t in results["tests"]), 4)
+    assert maximum == 4.0 and results["score"] == _total(results)
+    assert results["score"] == (0.0 if submitted == "stub" else 4.0), results
+    assert all(set(t) >= {"name", "score", "max_score", "output", "visibility"} for t in results["tests"])
+    assert all(round(t["score"], 4) == t["score"] for t in results["tests"])
+    assert str(SEED) not in json.dumps(results)
+    if submitted == "stub":
+        assert "NotImplementedError" in results["tests"][0]["output"]
+    assert stat.S_IMODE((tmp_path / "autograder").stat().st_mode) == (0o700 if os.geteuid() == 0 else 0o755)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("files, says", [({}, "found 0"), ({"notes.txt": b"hi"}, "found 0"),
+                                         ({"a.ipynb": b"{}", "b/c.ipynb": b"{}"}, "found 2: a.ipynb, b/c.ipynb")])
+def test_no_notebook_or_two_get_zero_and_say_so(bundle, tmp_path, files, says):
+    done, results = _autograder(bundle, tmp_path / "autograder", files)
+    assert done.returncode == 0, done.stderr
+    assert results["score"] == 0 and results["tests"] == []
+    assert "expected exactly one notebook" in results["output"] and says in results["output"], results
+
+
+@pytest.mark.timeout(120)
+def test_a_grader_failure_still_writes_results(bundle, tmp_path):
+    root = tmp_path / "autograder"
+    with zipfile.ZipFile(bundle) as archive:
+        archive.extractall(root / "source")
+    (root / "source/gradescope.json").write_text(json.dumps({"assignment": "99_nothing", "seed": 1}))
+    (root / "submission").mkdir()
+    (root / "submission/a.ipynb").write_bytes(assignments.load(NAME).path.read_bytes())
+    env = {"PATH": os.environ["PATH"], "AUTOGRADER_ROOT": str(root), "EXERCISES_PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(root / "source/run_autograder")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    results = json.loads((root / "results/results.json").read_text())
+    assert done.returncode == 1 and "99_nothing" in done.stderr  # the instructor sees why
+    assert results["score"] == 0 and "autograder failed" in results["output"] and "99_nothing" not in str(results)
+
+
+def test_limits_only_is_refused_unless_allowed(bundle, tmp_path, monkeypatch):
+    root = tmp_path / "autograder"
+    with zipfile.ZipFile(bundle) as archive:
+        archive.extractall(root / "source")
+    (root / "submission").mkdir()
+    (root / "submission/a.ipynb").write_bytes(assignments.load(NAME).path.read_bytes())
+    monkeypatch.setattr(sandbox, "detect", lambda: sandbox.Isolation("limits", "isolation: limits only (test)"))
+    assert gradescope.run(root) == 0
+    results = json.loads((root / "results/results.json").read_text())
+    assert results["score"] == 0 and "sandbox is not available" in results["output"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.geteuid() != 0 or os.path.exists("/autograder"), reason="needs root and no /autograder")
+def test_run_autograder_at_the_real_path(bundle):
+    root = Path("/autograder")
+    try:
+        done, results = _autograder(bundle, root, {})
+        assert done.returncode == 0 and results["score"] == 0 and "found 0" in results["output"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_key_executes_with_the_answers_and_no_markers(tmp_path):
+    out = tmp_path / "key"
+    assert main(["release", "--key", NAME, "--out", str(out)]) == 0
+    notebook = nbformat.read(out / f"{NAME}.ipynb", as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert not [c for c in notebook.cells if c.cell_type == "raw"] and "otter" not in notebook.metadata
+    lines = {line.strip() for c in code for line in c.source.splitlines()}
+    source = assignments.load(NAME).path
+    assert release.solution_lines(source) and release.solution_lines(source) <= lines
+    assert not key.problems(notebook, NAME) and "NotImplementedError" not in "".join(c.source for c in code)
+    printed = "".join(o.get("text", "") for c in code for o in c.outputs)
+    assert "rope_interleaved: the visible cases pass" in printed
+
+
+@pytest.mark.timeout(300)
+def test_key_fails_closed(tmp_path, monkeypatch):
+    original = key.key_notebook
+
+    def broken(source):
+        notebook = original(source)
+        notebook.cells.append(nbformat.v4.new_code_cell("raise ValueError('a broken answer')"))
+        return notebook
+
+    monkeypatch.setattr(key, "key_notebook", broken)
+    with pytest.raises(release.ReleaseError, match="a broken answer"):
+        key.release_key([NAME], tmp_path / "key")
+    assert not (tmp_path / "key").exists()
