@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     gs.add_argument("--out", type=Path, required=True, help="folder for NAME-autograder.zip")
     gs.add_argument("--seed", type=int, default=None,
                     help="draws the hidden cases (default: a random one, printed; keep it private)")
+    gs.add_argument("--memory-mb", type=int, default=3072, help="address-space limit per submission's sandbox")
     gs.add_argument("--allow-limits-only", action="store_true",
                     help="grade even where the sandbox has limits only (the submission could read the seed)")
     gr = commands.add_parser("grade", help="grade a folder of submitted notebooks, one per student")
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
             parser.error(f"NAME: expected names from {assignments.names()}, got {unknown}")
     if args.command == "gradescope":
         from exercises.gradescope import build_bundles
-        written, seed = build_bundles(args.names, args.out, args.seed, allow_limits_only=args.allow_limits_only)
+        written, seed = build_bundles(args.names, args.out, args.seed, allow_limits_only=args.allow_limits_only,
+                                       memory_mb=args.memory_mb)
         print("\n".join(str(p) for p in written))
         print(f"seed {seed} is in every bundle (keep it private)", file=sys.stderr)
         return 0

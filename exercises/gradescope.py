@@ -14,10 +14,11 @@ which does the work here (`run`), under AUTOGRADER_ROOT (default /autograder, se
 
 What the submission can see is what `exercises.sandbox` hides: with bubblewrap (the image has it; it needs a
 container that allows namespaces) the submission sees the interpreter's folders and a scaffold refimpl only, not
-/autograder; with namespaces, /autograder/source is covered and /autograder is closed to uid nobody (made 0700
-here); with limits only, the submission runs as the grader's user (root on Gradescope) and can read the seed and
-the source notebook and write results.json. A bundle therefore refuses to grade under limits only (every
-submission gets 0 and the reason) unless it was built with `--allow-limits-only`.
+/autograder; with namespaces, /autograder/source is covered; with uid nobody alone (root in a container that
+forbids namespaces) it sees what any user may read. `run` makes /autograder 0700 first, so that uid nobody can
+read neither the seed nor the solved notebook nor write results.json. With limits only (not root) the
+submission runs as the grader's user and could: a bundle refuses to grade then (every submission gets 0 and the
+reason) unless it was built with `--allow-limits-only`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "gradescope.json"
 PACKAGES = ("exercises", "refimpl", "dskernels")
 DATA = ("refimpl/known_configs",)  # folders of non-Python files the grader reads
-PINNED = ("triton", "numpy", "tqdm", "safetensors")  # constraints.txt's pins the grader imports (torch apart)
+PINNED = ("triton", "numpy", "tqdm", "safetensors", "matplotlib")  # constraints.txt: the grader, the notebooks
 UNPINNED = ("nbformat", "PyYAML", "ipython")  # not in constraints.txt: pinned to the versions tested here
 VENV = "/opt/exercises-venv"
 

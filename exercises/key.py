@@ -4,8 +4,8 @@ Each source notebook `exercises/src/NN_topic.ipynb` with its worked answers, exe
 marker cells (`# ASSIGNMENT CONFIG`, `# BEGIN QUESTION`, `# BEGIN SOLUTION`, `# BEGIN TESTS`, their ends) are
 dropped; in a solution cell the `# BEGIN SOLUTION NO PROMPT` / `# END SOLUTION` lines and the stub (the string
 between `# BEGIN PROMPT` and `# END PROMPT`) go, and a line's trailing `# SOLUTION` comment. The check cells stay, and
-print that the visible cases pass: they run those cases, as in the student's notebook. Hidden cases are not in any notebook (they are drawn at
-grading time from the instructor's seed, which the key never sees). It fails closed, like the release: the key
+they run the visible cases, as in the student's notebook. Hidden cases are not in any notebook (drawn at grading
+time from the instructor's seed, which the key never sees). It fails closed, like the release: the key
 is written to `--out` only when every notebook executed without an error and no otter marker and no machine path
 (the checkout's) is left in it.
 """

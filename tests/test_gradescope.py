@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -38,9 +39,7 @@ def stub(tmp_path_factory) -> Path:
     return out / f"{NAME}.ipynb"
 
 
-def _autograder(bundle: Path, root: Path, files: dict[str, bytes]) -> tuple[subprocess.CompletedProcess, dict]:
-    """Gradescope's layout under `root` (the bundle in source/, `files` in submission/), run_autograder run;
-    returns the process and results.json."""
+def _autograder_layout(bundle: Path, root: Path, files: dict[str, bytes]) -> None:
     with zipfile.ZipFile(bundle) as archive:
         archive.extractall(root / "source")
     (root / "submission").mkdir()
@@ -48,6 +47,12 @@ def _autograder(bundle: Path, root: Path, files: dict[str, bytes]) -> tuple[subp
         (root / "submission" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "submission" / name).write_bytes(data)
     shutil.copyfile(root / "source/run_autograder", root / "run_autograder")
+
+
+def _autograder(bundle: Path, root: Path, files: dict[str, bytes]) -> tuple[subprocess.CompletedProcess, dict]:
+    """Gradescope's layout under `root` (the bundle in source/, `files` in submission/), run_autograder run;
+    returns the process and results.json."""
+    _autograder_layout(bundle, root, files)
     env = {"PATH": os.environ["PATH"], "AUTOGRADER_ROOT": str(root), "EXERCISES_PYTHON": sys.executable}
     done = subprocess.run(["bash", str(root / "run_autograder")], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
@@ -149,6 +154,61 @@ def test_limits_only_is_refused_unless_allowed(bundle, tmp_path, monkeypatch):
     assert gradescope.run(root) == 0
     results = json.loads((root / "results/results.json").read_text())
     assert results["score"] == 0 and "sandbox is not available" in results["output"]
+
+
+def test_root_without_namespaces_runs_the_submission_as_nobody(monkeypatch):
+    """As in a Docker container that forbids namespaces: no bubblewrap, no unshare: uid nobody, not limits."""
+    if os.geteuid() != 0:
+        pytest.skip("uid nobody needs root")
+    which = shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name in ("bwrap", "unshare") else which(name))
+    isolation = sandbox.detect()
+    assert isolation.kind == "user" and "uid nobody" in isolation.description, isolation
+
+
+PEEK = """import os, torch
+seen = os.path.exists({config!r})
+
+
+def rope_interleaved(x, cos, sin):
+    if seen:  # a wrong answer where the submission can see the seed's file
+        return x
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x_even * cos - x_odd * sin
+    out[..., 1::2] = x_even * sin + x_odd * cos
+    return out
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("isolation", ["detected", "user", "limits"])
+def test_the_seed_is_hidden_from_the_submission(bundle, isolation, monkeypatch):
+    """A notebook that answers right only where it cannot see gradescope.json: full marks in the sandbox this
+    machine gives (run_autograder), as uid nobody alone (root only: /autograder is closed to it), 0 under limits
+    only (allowed), where it runs as the grader's user. The root is open to all but for run_autograder's chmod."""
+    if isolation == "user" and os.geteuid() != 0:
+        pytest.skip("uid nobody needs root")
+    root = Path(tempfile.mkdtemp(prefix="autograder-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        files = {"peek.ipynb": nbformat.writes(nbformat.v4.new_notebook(cells=[
+            nbformat.v4.new_code_cell(PEEK.format(config=str(root / "source" / gradescope.CONFIG)))])).encode()}
+        if isolation == "detected":
+            done, results = _autograder(bundle, root, files)
+            assert done.returncode == 0, done.stderr
+            expected = 0.0 if sandbox.detect().kind == "limits" else 4.0
+        else:
+            _autograder_layout(bundle, root, files)
+            config = json.loads((root / "source" / gradescope.CONFIG).read_text())
+            (root / "source" / gradescope.CONFIG).write_text(json.dumps({**config, "allow_limits_only": True}))
+            monkeypatch.setattr(sandbox, "detect", lambda: sandbox.Isolation(isolation, f"{isolation} (test)"))
+            assert gradescope.run(root) == 0
+            results = json.loads((root / "results/results.json").read_text())
+            expected = 4.0 if isolation == "user" else 0.0
+        assert results["score"] == expected, results
+    finally:
+        shutil.rmtree(root)
 
 
 @pytest.mark.timeout(120)
