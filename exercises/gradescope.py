@@ -34,8 +34,6 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from exercises import assignments
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "gradescope.json"
 PACKAGES = ("exercises", "refimpl", "dskernels")
@@ -114,6 +112,8 @@ def torch_pin() -> str:
 
 def _package_files(name: str) -> list[Path]:
     """The files of the assignment's bundle, relative to the checkout."""
+    from exercises import assignments
+
     files = []
     for package in PACKAGES:
         files += [p for p in (REPO_ROOT / package).glob("*.py")]
@@ -134,6 +134,8 @@ def build_bundle(name: str, out_dir: Path, seed: int, allow_limits_only: bool = 
                  memory_mb: int = 3072, cell_timeout: float = 60.0, call_timeout_scale: float = 1.0) -> Path:
     """Write `out_dir/NAME-autograder.zip` (see the module docstring); return its path.
     Raises ValueError for an unknown assignment or a constraints.txt without the pins."""
+    from exercises import assignments  # torch: only where needed (run_autograder without a notebook is quick)
+
     assignments.load(name)  # a clear error for an unknown name before anything is written
     config = {"assignment": name, "seed": seed, "allow_limits_only": allow_limits_only, "memory_mb": memory_mb,
               "cell_timeout": cell_timeout, "call_timeout_scale": call_timeout_scale}
@@ -221,7 +223,7 @@ def run(root: Path) -> int:
 def check(source: Path) -> int:
     """setup.sh's last step: the config in the bundle `source` reads, the assignment loads, and which isolation
     this image gives."""
-    from exercises import sandbox
+    from exercises import assignments, sandbox
 
     config = json.loads((source / CONFIG).read_text(encoding="utf-8"))
     assignment = assignments.load(config["assignment"])
