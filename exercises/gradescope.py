@@ -81,7 +81,7 @@ RUN_AUTOGRADER = r"""#!/usr/bin/env bash
 ROOT="${AUTOGRADER_ROOT:-/autograder}"
 PYTHON="${EXERCISES_PYTHON:-__VENV__/bin/python}"
 export AUTOGRADER_ROOT="$ROOT" PYTHONPATH="$ROOT/source"
-exec "$PYTHON" -m exercises.gradescope
+exec "$PYTHON" -m exercises.gradescope 2>&1  # all in Gradescope's stdout, which only the instructor sees
 """
 
 
@@ -167,6 +167,11 @@ def _notebooks(submission: Path) -> list[Path]:
                   and ".ipynb_checkpoints" not in p.relative_to(submission).parts)
 
 
+def _printable(path: Path) -> str:
+    """A file name as printable text: bytes that are not UTF-8 as `\\xe9`, at most 100 characters."""
+    return os.fsencode(path.as_posix()).decode("utf-8", "backslashreplace")[:100]
+
+
 def _zero(message: str) -> dict:
     return {"score": 0.0, "output": message, "tests": []}
 
@@ -196,8 +201,8 @@ def _grade(config: dict, notebook: Path) -> dict:
 
 def run(root: Path) -> int:
     """Grade the submission under `root` (Gradescope's /autograder layout); always write results.json.
-    Returns 0, or 1 when the grader itself failed (the traceback goes to stderr, which only the instructor
-    sees)."""
+    Returns 0, or 1 when the grader itself failed (the traceback goes to stderr: run_autograder sends it to
+    Gradescope's stdout, which only the instructor sees)."""
     results_dir = root / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
@@ -209,7 +214,7 @@ def run(root: Path) -> int:
         if len(found) == 1:
             results = _grade(config, found[0])
         else:
-            names = ", ".join(str(p.relative_to(root / "submission")) for p in found[:10])
+            names = ", ".join(_printable(p.relative_to(root / "submission")) for p in found[:10])
             results = _zero(f"Not graded: expected exactly one notebook (.ipynb) for {config['assignment']}, "
                             f"found {len(found)}{': ' + names if names else ''}. Submit one notebook.")
     except Exception:

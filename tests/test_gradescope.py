@@ -119,7 +119,8 @@ def test_run_autograder_grades_one_notebook(bundle, stub, tmp_path, submitted):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("files, says", [({}, "found 0"), ({"notes.txt": b"hi"}, "found 0"),
-                                         ({"a.ipynb": b"{}", "b/c.ipynb": b"{}"}, "found 2: a.ipynb, b/c.ipynb")])
+                                         ({"a.ipynb": b"{}", "b/c\udce9.ipynb": b"{}"},
+                                          "found 2: a.ipynb, b/c\\xe9.ipynb")])
 def test_no_notebook_or_two_get_zero_and_say_so(bundle, tmp_path, files, says):
     if files:  # the script once, the rest in this process
         _autograder_layout(bundle, tmp_path / "autograder", files)
@@ -144,7 +145,7 @@ def test_a_grader_failure_still_writes_results(bundle, tmp_path):
     done = subprocess.run(["bash", str(root / "source/run_autograder")], env=env, capture_output=True, text=True,
                           timeout=120)
     results = json.loads((root / "results/results.json").read_text())
-    assert done.returncode == 1 and "99_nothing" in done.stderr  # the instructor sees why
+    assert done.returncode == 1 and "99_nothing" in done.stdout  # the instructor sees why
     assert results["score"] == 0 and "autograder failed" in results["output"] and "99_nothing" not in str(results)
 
 
