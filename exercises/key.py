@@ -7,7 +7,7 @@ between `# BEGIN PROMPT` and `# END PROMPT`) go, and a line's trailing `# SOLUTI
 they run the visible cases, as in the student's notebook. Hidden cases are not in any notebook (drawn at grading
 time from the instructor's seed, which the key never sees). It fails closed, like the release: the key
 is written to `--out` only when every notebook executed without an error and no otter marker and no machine path
-(the checkout's) is left in it.
+(the checkout's, the home folder's, the interpreter's) is left in it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ OTTER_RAW = re.compile(r"\s*#\s*(ASSIGNMENT CONFIG|(BEGIN|END) (QUESTION|SOLUTIO
 PROMPT = re.compile(r'^[ \t]*""" # BEGIN PROMPT\n.*?^[ \t]*""" # END PROMPT[ \t]*\n?', re.DOTALL | re.MULTILINE)
 SOLUTION_MARKER = re.compile(r"^[ \t]*#\s*(BEGIN SOLUTION( NO PROMPT)?|END SOLUTION)[ \t]*\n?", re.MULTILINE)
 CELL_TIMEOUT = 300  # seconds per cell
+MACHINE_PATHS = (str(REPO_ROOT), str(Path.home()), sys.prefix)  # none may show in a published output
 
 
 def key_notebook(source: Path) -> nbformat.NotebookNode:
@@ -79,13 +81,12 @@ def _execute(notebook: nbformat.NotebookNode, folder: Path) -> None:
 
 
 def problems(notebook: nbformat.NotebookNode, name: str) -> list[str]:
-    """What keeps a key notebook from being published: otter markers, errors, the checkout's path."""
+    """What keeps a key notebook from being published: otter markers, errors, machine paths."""
     found = []
     for i, cell in enumerate(notebook.cells):
         text = cell.source + "".join(str(o) for o in cell.get("outputs", []))
         found += [f"{name} cell {i}: marker {m.group(0)!r}" for m in MARKERS.finditer(text)]
-        if str(REPO_ROOT) in text:
-            found.append(f"{name} cell {i}: the checkout's path {str(REPO_ROOT)!r}")
+        found += [f"{name} cell {i}: the machine's path {p!r}" for p in MACHINE_PATHS if p in text]
         if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
             found.append(f"{name} cell {i}: an error")
     return found

@@ -256,3 +256,9 @@ def test_key_fails_closed(tmp_path, monkeypatch):
     with pytest.raises(release.ReleaseError, match="a broken answer"):
         key.release_key([NAME], tmp_path / "key")
     assert not (tmp_path / "key").exists()
+    printing = original(assignments.load(NAME).path)
+    printing.cells.append(nbformat.v4.new_code_cell("print(torch.__file__)"))  # a path of this machine
+    monkeypatch.setattr(key, "key_notebook", lambda source: printing)
+    with pytest.raises(release.ReleaseError, match="the machine's path"):
+        key.release_key([NAME], tmp_path / "key")
+    assert not (tmp_path / "key").exists()
