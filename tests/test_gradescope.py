@@ -49,13 +49,14 @@ def _autograder_layout(bundle: Path, root: Path, files: dict[str, bytes]) -> Non
     shutil.copyfile(root / "source/run_autograder", root / "run_autograder")
 
 
-def _autograder(bundle: Path, root: Path, files: dict[str, bytes]) -> tuple[subprocess.CompletedProcess, dict]:
-    """Gradescope's layout under `root` (the bundle in source/, `files` in submission/), run_autograder run;
-    returns the process and results.json."""
+def _autograder(bundle: Path, root: Path, files: dict[str, bytes],
+                path: str = os.environ["PATH"]) -> tuple[subprocess.CompletedProcess, dict]:
+    """Gradescope's layout under `root` (the bundle in source/, `files` in submission/), run_autograder run
+    with `path` as PATH; returns the process and results.json."""
     _autograder_layout(bundle, root, files)
-    env = {"PATH": os.environ["PATH"], "AUTOGRADER_ROOT": str(root), "EXERCISES_PYTHON": sys.executable}
-    done = subprocess.run(["bash", str(root / "run_autograder")], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    env = {"PATH": path, "AUTOGRADER_ROOT": str(root), "EXERCISES_PYTHON": sys.executable}
+    done = subprocess.run([shutil.which("bash"), str(root / "run_autograder")], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
     return done, json.loads((root / "results/results.json").read_text(encoding="utf-8"))
 
 
@@ -187,12 +188,13 @@ def rope_interleaved(x, cos, sin):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("isolation", ["detected", "user", "limits"])
+@pytest.mark.parametrize("isolation", ["detected", "no namespaces", "user", "limits"])
 def test_the_seed_is_hidden_from_the_submission(bundle, isolation, monkeypatch):
     """A notebook that answers right only where it cannot see gradescope.json: full marks in the sandbox this
-    machine gives (run_autograder), as uid nobody alone (root only: /autograder is closed to it), 0 under limits
-    only (allowed), where it runs as the grader's user. The root is open to all but for run_autograder's chmod."""
-    if isolation == "user" and os.geteuid() != 0:
+    machine gives (run_autograder), and where neither bubblewrap nor unshare is on PATH (as in a container that
+    forbids namespaces) or uid nobody is forced (root only: /autograder is closed to it); 0 under limits only
+    (allowed), where it runs as the grader's user. The root is open to all but for run_autograder's chmod."""
+    if isolation in ("no namespaces", "user") and os.geteuid() != 0:
         pytest.skip("uid nobody needs root")
     root = Path(tempfile.mkdtemp(prefix="autograder-", dir="/tmp"))
     try:
@@ -203,6 +205,17 @@ def test_the_seed_is_hidden_from_the_submission(bundle, isolation, monkeypatch):
             done, results = _autograder(bundle, root, files)
             assert done.returncode == 0, done.stderr
             expected = 0.0 if sandbox.detect().kind == "limits" else 4.0
+        elif isolation == "no namespaces":
+            tools = root.parent / f"{root.name}-bin"  # PATH: setpriv and prlimit, no bwrap, no unshare
+            tools.mkdir()
+            for tool in ("setpriv", "prlimit"):
+                (tools / tool).symlink_to(shutil.which(tool))
+            try:
+                done, results = _autograder(bundle, root, files, path=str(tools))
+            finally:
+                shutil.rmtree(tools)
+            assert done.returncode == 0 and "isolation: uid nobody" in done.stdout, done.stdout
+            expected = 4.0
         else:
             _autograder_layout(bundle, root, files)
             config = json.loads((root / "source" / gradescope.CONFIG).read_text())
