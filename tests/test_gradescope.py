@@ -1,5 +1,8 @@
 """The Gradescope bundle and the solution key: a bundle unzipped into a folder laid out as Gradescope's
-(`source/`, `submission/`, `results/`) grades with `run_autograder`; the key executes and holds the answers.
+(`source/`, `submission/`, `results/`) grades with `run_autograder` (a renamed solution full marks, the released
+stub 0, none or two notebooks 0 with the reason, a grader failure 0); a notebook that answers wrong when it sees
+the bundle's seed file scores full marks under each isolation a root grader gets; the key executes, holds the
+answers and fails closed.
 
 Not tested here: a real Gradescope image build (setup.sh's apt-get and pip run only as a dry run) and a real
 Gradescope run.
