@@ -1,6 +1,8 @@
 """The instructor's commands (see exercises/README.md):
 
     python -m exercises release [NAME ...] [--out DIR]
+    python -m exercises release --key [NAME ...] [--out DIR]
+    python -m exercises gradescope NAME [NAME ...] --out DIR [--seed N] [--allow-limits-only]
     python -m exercises grade ASSIGNMENT SUBMISSIONS_DIR OUT_DIR --seed N [--jobs J] [--memory-mb M] ...
 """
 
@@ -17,7 +19,18 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     rel = commands.add_parser("release", help="write the student notebooks (solutions stripped) to a folder")
     rel.add_argument("names", nargs="*", help=f"assignments (default: all of {assignments.names()})")
-    rel.add_argument("--out", type=Path, default=None, help="folder (default: exercises/_release)")
+    rel.add_argument("--out", type=Path, default=None,
+                     help="folder (default: exercises/_release, with --key exercises/_key)")
+    rel.add_argument("--key", action="store_true",
+                     help="the solution key instead: the source notebooks with answers, executed, no markers")
+    gs = commands.add_parser("gradescope", help="write a Gradescope autograder zip per assignment")
+    gs.add_argument("names", nargs="+", metavar="NAME", help=f"assignments, of {assignments.names()}")
+    gs.add_argument("--out", type=Path, required=True, help="folder for NAME-autograder.zip")
+    gs.add_argument("--seed", type=int, default=None,
+                    help="draws the hidden cases (default: a random one, printed; keep it private)")
+    gs.add_argument("--memory-mb", type=int, default=3072, help="address-space limit per submission's sandbox")
+    gs.add_argument("--allow-limits-only", action="store_true",
+                    help="grade even where the sandbox has limits only (the submission could read the seed)")
     gr = commands.add_parser("grade", help="grade a folder of submitted notebooks, one per student")
     gr.add_argument("assignment", choices=assignments.names())
     gr.add_argument("submissions", type=Path, help="folder with one notebook per student (file name = id)")
@@ -30,13 +43,25 @@ def main(argv=None) -> int:
                     help="multiplies each exercise's per-call limit (10 s, 60 s for kernels)")
     args = parser.parse_args(argv)
 
-    if args.command == "release":
+    if args.command in ("release", "gradescope"):
         unknown = [name for name in args.names if name not in assignments.names()]
         if unknown:
             parser.error(f"NAME: expected names from {assignments.names()}, got {unknown}")
+    if args.command == "gradescope":
+        from exercises.gradescope import build_bundles
+        written, seed = build_bundles(args.names, args.out, args.seed, allow_limits_only=args.allow_limits_only,
+                                       memory_mb=args.memory_mb)
+        print("\n".join(str(p) for p in written))
+        print(f"seed {seed} is in every bundle (keep it private)", file=sys.stderr)
+        return 0
+    if args.command == "release":
+        from exercises.key import DEFAULT_KEY_OUT, release_key
         from exercises.release import DEFAULT_OUT, ReleaseError, release
         try:
-            written = release(args.names or None, args.out or DEFAULT_OUT)
+            if args.key:
+                written = release_key(args.names or None, args.out or DEFAULT_KEY_OUT)
+            else:
+                written = release(args.names or None, args.out or DEFAULT_OUT)
         except ReleaseError as error:
             print(error, file=sys.stderr)
             return 1

@@ -13,7 +13,11 @@ Isolation, the best available (`detect`):
    process dies with the sandbox); as root, the process then runs as uid `nobody` (`setpriv`).
 2. As root without bubblewrap: new mount, network and PID namespaces (`unshare`), the checkout, the submissions
    and output folders and every temp folder covered by empty tmpfs mounts, uid `nobody`.
-3. Otherwise (not root, no working bubblewrap): time, memory, file-size and core limits, a private HOME and
+3. As root where neither works (a container that forbids namespaces, as Docker does by default): uid `nobody`
+   (`setpriv`) with the limits of 4. The submission can read what any user may read (a checkout open to all
+   included) and use the network, but no file closed to others (Gradescope's `run_autograder` closes
+   /autograder: exercises.gradescope).
+4. Otherwise (not root, no working bubblewrap): time, memory, file-size and core limits, a private HOME and
    TMPDIR, its own process group only. The submission could then read files the grader's user can read (the
    source notebooks, other submissions, the grader's command line with the seed) and use the network; the
    verdicts still come from the grader's process (values compared there, the static check, the kernel compile).
@@ -137,13 +141,15 @@ def _hidden_ancestor(path: Path) -> Path | None:
 
 @dataclass(frozen=True)
 class Isolation:
-    kind: str  # "bubblewrap", "namespaces" or "limits"
+    kind: str  # "bubblewrap", "namespaces", "user" or "limits"
     description: str  # one line for the instructor and each results.json
 
     def command(self, runtime: Path, hide: tuple[Path, ...]) -> list[str]:
         """The command prefix that starts a process in this sandbox, seeing `runtime` and not `hide`."""
         if self.kind == "bubblewrap":
             return _bwrap(runtime)
+        if self.kind == "user":
+            return list(SETPRIV)
         if self.kind == "namespaces":
             return ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc",
                     "--propagation", "private", "/bin/sh", "-c", _namespace_script(runtime, hide), "sh"]
@@ -229,6 +235,13 @@ def detect() -> Isolation:
         if problem is None:
             return spaces
         reasons.append(f"unshare failed: {problem}")
+    if root and shutil.which("setpriv"):
+        user = Isolation("user", f"isolation: uid nobody ({'; '.join(reasons)}): the submission reads what any "
+                         "user may read and can use the network; time, memory and file limits")
+        problem = _probe(user)
+        if problem is None:
+            return user
+        reasons.append(f"setpriv failed: {problem}")
     return Isolation("limits", f"isolation: limits only ({'; '.join(reasons)}; "
                      f"{'root' if root else 'not root'}): time, memory and file limits, own process group and "
                      "temp folder; the submission can read what this user can read and use the network")
@@ -257,7 +270,9 @@ class Sandbox:
                  startup_timeout: float):
         self.tmp = tempfile.mkdtemp(prefix="grade-")
         os.chmod(self.tmp, 0o755)
-        isolated = isolation.kind != "limits"
+        isolated = isolation.kind not in ("limits", "user")  # else HOME and TMPDIR are self.tmp
+        if isolation.kind == "user":
+            os.chown(self.tmp, NOBODY, NOBODY)
         home = "/tmp/home" if isolated else self.tmp
         env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp/work" if isolated else self.tmp,
                "PYTHONPATH": str(runtime), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
