@@ -29,8 +29,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import math
+import inspect
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -258,18 +259,72 @@ CHALLENGES = {"softmax": _softmax, "matmul": _matmul, "flash_attention": _flash_
 # ------------------------------------------------------------------------------------------------ running
 
 
+class ChallengeError(Exception):
+    """A learner's mistake the challenge reports in one line: a kernel file that does not load, a function
+    that does not take the challenge's arguments or raises, a size or dtype this machine cannot run."""
+
+
 def load_kernel(path: str | Path, function: str = "kernel") -> Callable:
-    """The function named `function` in the Python file at `path`; FileNotFoundError / AttributeError naming
-    the file and the function when either is missing."""
+    """The function named `function` in the Python file at `path`. ChallengeError naming the file and what
+    is wrong: no such file, a syntax error (with its line), an exception while importing it, no callable
+    named `function`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--kernel: no file {path}")
+        raise ChallengeError(f"--kernel: expected a Python file, {path} is not one")
     spec = importlib.util.spec_from_file_location(f"learner_kernel_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ChallengeError(f"{path.name} line {error.lineno}: SyntaxError: {error.msg}") from error
+    except Exception as error:  # the learner's file raised while importing: name it, not our traceback
+        raise ChallengeError(f"importing {path.name} raised {type(error).__name__}: {error}") from error
     if not callable(getattr(module, function, None)):
-        raise AttributeError(f"{path.name}: expected a function named {function!r} (--function to name another)")
+        raise ChallengeError(f"{path.name}: expected a function named {function!r} (--function to name "
+                             f"another)")
     return getattr(module, function)
+
+
+def _call(kernel: Callable, inputs: tuple, signature: str):
+    """kernel(*inputs); ChallengeError when it cannot take the inputs or raises (chained to the error, so a
+    notebook still shows the learner's traceback)."""
+    try:
+        inspect.signature(kernel).bind(*inputs)
+    except TypeError as error:
+        raise ChallengeError(f"your kernel cannot be called with the challenge's {len(inputs)} argument(s) "
+                             f"({error}); expected {signature}") from error
+    except ValueError:  # no signature to read (a builtin): just call it
+        pass
+    try:
+        return kernel(*inputs)
+    except Exception as error:
+        lines = [line for line in str(error).splitlines() if line.strip()] or [""]  # a compile error: many
+        raise ChallengeError(f"your kernel raised {type(error).__name__}: {lines[-1].strip()}"
+                             f"{_where(error, kernel)}") from error
+
+
+def _where(error: Exception, kernel: Callable) -> str:
+    """' (file.py line N)': the innermost frame of the traceback in the kernel's own file (else outside this
+    module)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename != __file__]
+    code = getattr(kernel, "__code__", None)
+    own = [f for f in frames if code is not None and f.filename == code.co_filename]
+    frames = own or frames
+    return f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
+
+
+def _verdict(out, inputs: tuple, before: list, ref: torch.Tensor, dtype: torch.dtype):
+    """The check of one input set: -> (ok, message). A non-tensor, a dtype other than the inputs', an input
+    the kernel overwrote, or an output `compare` refuses is WRONG."""
+    if not torch.is_tensor(out):
+        return False, f"WRONG: your kernel returned {type(out).__name__}, expected a tensor"
+    if out.dtype != dtype:
+        return False, f"WRONG: dtype {out.dtype}, expected {dtype} (the inputs' dtype)"
+    changed = [i for i, (t, b) in enumerate(zip(inputs, before)) if torch.is_tensor(t) and not torch.equal(t, b)]
+    if changed:
+        return False, f"WRONG: your kernel overwrote its input argument(s) {changed} (0-based); leave them as given"
+    result = compare(out, ref, dtype=dtype)
+    return result.ok, result.message
 
 
 def run_challenge(name: str, kernel: Callable, size: str | None = None, dtype: torch.dtype | None = None,
@@ -277,7 +332,10 @@ def run_challenge(name: str, kernel: Callable, size: str | None = None, dtype: t
     """Check `kernel` on every input set of challenge `name`, then measure it next to the lesson's rungs:
     timed on a GPU (default size "full", bfloat16), counted under the interpreter (default "small", float32).
     -> dict(ok, checks: the comparisons' messages, rows: [dict(impl, ms or launches/programs/bytes)],
-    floor: dict). Prints a table. ValueError for an unknown name."""
+    floor: dict). Prints a table. Refused (ok False, nothing measured): an output that is not a tensor, not in
+    the inputs' dtype, not the reference's (`compare`), or a kernel that overwrote an input. ValueError for
+    an unknown name; ChallengeError for a kernel that cannot take the inputs or raises, a size other than
+    "small" / "full", and "full" or bfloat16 under the interpreter."""
     if name not in CHALLENGES:
         raise ValueError(f"challenge: expected one of {sorted(CHALLENGES)}, got {name!r}")
     challenge = CHALLENGES[name]()
@@ -285,14 +343,21 @@ def run_challenge(name: str, kernel: Callable, size: str | None = None, dtype: t
     device = "cuda" if gpu else "cpu"
     size = size or ("full" if gpu else "small")
     dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
+    if size not in ("small", "full"):
+        raise ChallengeError(f"size: expected 'small' or 'full', got {size!r}")
+    if not gpu and (size == "full" or dtype == torch.bfloat16):
+        raise ChallengeError(f"size {size!r}, {dtype}: the benchmark's shape and bfloat16 need a GPU; Triton's "
+                             f"interpreter runs the small size in float32 or float16")
     input_sets = challenge.make(size, dtype, device, torch.Generator(device=device).manual_seed(0))
     print(f"challenge {name} (lesson {challenge.lesson}): {challenge.signature}")
     checks = []
     for inputs in input_sets:
-        result = compare(kernel(*inputs), challenge.reference(*inputs), dtype=dtype)
-        checks.append(result.message)
-        print(f"  check {_shape(inputs)}: {result.message}")
-        if not result.ok:
+        ref = challenge.reference(*inputs)
+        before = [t.clone() if torch.is_tensor(t) else t for t in inputs]
+        ok, message = _verdict(_call(kernel, inputs, challenge.signature), inputs, before, ref, dtype)
+        checks.append(message)
+        print(f"  check {_shape(inputs)}: {message}")
+        if not ok:
             print("REFUSED: the output is not the reference's; nothing is measured")
             return dict(ok=False, checks=checks, rows=[], floor=None)
     inputs = input_sets[0]
@@ -340,13 +405,17 @@ def _print(rows: list[dict], floor: dict, gpu: bool, shape: str) -> None:
           f"moved / least  ({shape}; Triton's loads and stores, interpreter)")
     for row in rows:
         moved = row["bytes_loaded"] + row["bytes_stored"]
+        ratio = f"{moved / floor['bytes']:12.2f}x" if row["launches"] else f"{'-':>12s} "
         print(f"{row['impl']:36s} {row['launches']:8d} {row['programs']:9d} {row['bytes_loaded'] / 1e6:10.3f} "
-              f"{row['bytes_stored'] / 1e6:10.3f}  {moved / floor['bytes']:12.2f}x")
+              f"{row['bytes_stored'] / 1e6:10.3f}  {ratio}")
     print(f"{'least bytes the op must move':36s} {'':8s} {'':9s} {floor['bytes'] / 1e6:21.3f}")
+    if rows[-1]["launches"] == 0:
+        print("your kernel launched no Triton kernel: PyTorch operations are not counted, so its 0 bytes "
+              "mean nothing")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dskernels.challenge", description=__doc__.split("\n")[0])
     parser.add_argument("name", nargs="?", choices=sorted(CHALLENGES), help="the challenge")
     parser.add_argument("--kernel", type=Path, help="a Python file defining your kernel function")
     parser.add_argument("--function", default="kernel", help="the function's name in that file")
@@ -360,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.kernel is None:
         parser.error("--kernel FILE is required")
-    result = run_challenge(args.name, load_kernel(args.kernel, args.function), args.size)
+    try:
+        result = run_challenge(args.name, load_kernel(args.kernel, args.function), args.size)
+    except ChallengeError as error:  # the learner's mistake: one line, no traceback
+        print(f"challenge: error: {error}", file=sys.stderr)
+        return 2
     return 0 if result["ok"] else 1
 
 

@@ -70,9 +70,44 @@ def test_count_traffic_counts_programs_and_bytes(device):
     assert traffic.bytes_loaded == traffic.bytes_stored == 4 * 100 * 4
 
 
+def test_a_learners_mistakes_get_one_line_not_a_traceback(tmp_path):
+    cases = {  # file source -> what the one line must say
+        "def kernel(x)\n    return x\n": "line 1: SyntaxError",
+        "import not_a_module_anywhere\ndef kernel(x):\n    return x\n": "raised ModuleNotFoundError",
+        "def other(x):\n    return x\n": "expected a function named 'kernel'",
+        "def kernel(x, dim):\n    return x.softmax(dim)\n": "cannot be called with the challenge's 1 argument",
+        "def kernel(x):\n    raise RuntimeError('boom')\n": "raised RuntimeError: boom (softmax_kernel.py line 2)",
+    }
+    for source, expected in cases.items():
+        done = _command(tmp_path, "softmax", source)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert expected in done.stderr and done.stderr.startswith("challenge: error:"), (expected, done.stderr)
+    done = subprocess.run([sys.executable, "-m", "dskernels.challenge", "softmax", "--kernel",
+                           str(tmp_path / "missing.py")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "expected a Python file" in done.stderr and "Traceback" not in done.stderr
+    done = _command(tmp_path, "softmax", CORRECT["softmax"], "--size", "full")  # hours in the interpreter
+    assert done.returncode == 2 and "need a GPU" in done.stderr, done.stderr
+
+
+def test_outputs_that_are_not_the_reference_are_refused():
+    softmax = "softmax"
+    for kernel, expected in [
+        (lambda x: None, "returned NoneType, expected a tensor"),
+        (lambda x: x.double().softmax(-1), "dtype torch.float64, expected torch.float32"),
+        (lambda x: torch.full_like(x.fill_(0.0), 1 / x.shape[1]), "overwrote its input"),  # softmax(0) matches
+    ]:
+        result = challenge.run_challenge(softmax, kernel)
+        assert not result["ok"] and expected in result["checks"][-1], result["checks"]
+
+
+def test_a_kernel_without_triton_is_not_counted_as_free(capsys):
+    assert challenge.run_challenge("softmax", lambda x: x.softmax(-1))["ok"]
+    assert "launched no Triton kernel" in capsys.readouterr().out
+
+
 def test_load_kernel_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--kernel: no file"):
+    with pytest.raises(challenge.ChallengeError, match="--kernel: expected a Python file"):
         challenge.load_kernel(tmp_path / "missing.py")
     (tmp_path / "k.py").write_text("def other(x):\n    return x\n")
-    with pytest.raises(AttributeError, match="k.py: expected a function named 'kernel'"):
+    with pytest.raises(challenge.ChallengeError, match="k.py: expected a function named 'kernel'"):
         challenge.load_kernel(tmp_path / "k.py")
