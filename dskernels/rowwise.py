@@ -63,8 +63,9 @@ MAX_BLOCK = 65536  # the widest block a program holds (256 KiB of float32 values
 
 
 def num_warps(block: int) -> int:
-    """Warps per program for a block of `block` columns: 4, 8 from 2048, 16 from 8192 (Triton's tutorial
-    softmax), so that a wide row is spread over more threads instead of spilling registers."""
+    """Warps per program for a block of `block` columns: 4, 8 from 2048, 16 from 8192 (the rule of Triton's
+    earlier fused-softmax tutorial, which went to 16 from 4096), so that a wide row is spread over more
+    threads instead of spilling registers."""
     return 4 if block < 2048 else 8 if block < 8192 else 16
 
 
