@@ -9,8 +9,11 @@ challenge states (`python -m dskernels.challenge --list`). It runs as follows:
 
 1. Correctness: on each of the challenge's input sets (awkward sizes: odd, not a block multiple, empty rows
    or experts, length-0 and length-1 sequences), the output is compared with the float64 reference by the
-   course's one checker (`dskernels._checks.compare`, the bounds per dtype). A wrong or all-zero kernel is
-   refused: nothing is timed or counted, and the command exits with status 1.
+   course's one checker (`dskernels._checks.compare`, the bounds per dtype). A wrong or all-zero kernel, an
+   output that is not a tensor or not in the inputs' dtype, or a kernel that overwrote an input is refused:
+   nothing is timed or counted, and the command exits with status 1. A file that does not load, a function
+   that cannot take the challenge's arguments or raises, or `--size full` without a GPU: one line naming
+   what was expected (`ChallengeError`), status 2.
 2. On a GPU: the learner's kernel and every rung of the lesson's ladder are timed exactly as
    `python -m dskernels.bench` times them (`bench._time_ms`: CUDA events around the call, after warm-up, L2
    flushed, median), at the benchmark's shape ("full", bfloat16), next to the floor (`bench._floor_ms`:
@@ -415,11 +418,17 @@ def _print(rows: list[dict], floor: dict, gpu: bool, shape: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dskernels.challenge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dskernels.challenge", description=__doc__.split("\n")[0],
+        epilog="example: python -m dskernels.challenge softmax --kernel my_softmax.py. Exit status: 0 checked "
+               "and measured, 1 refused (the output is wrong), 2 a usage error or a file or kernel that "
+               "cannot run (one line says which).")
     parser.add_argument("name", nargs="?", choices=sorted(CHALLENGES), help="the challenge")
-    parser.add_argument("--kernel", type=Path, help="a Python file defining your kernel function")
-    parser.add_argument("--function", default="kernel", help="the function's name in that file")
-    parser.add_argument("--size", choices=("small", "full"), help="default: full on a GPU, small on a CPU")
+    parser.add_argument("--kernel", type=Path, metavar="FILE", help="a Python file defining your kernel function")
+    parser.add_argument("--function", default="kernel", help="the function's name in that file (default: kernel)")
+    parser.add_argument("--size", choices=("small", "full"),
+                        help="default: full (the benchmark's shape, bfloat16) on a GPU; small, the only one a "
+                             "CPU runs")
     parser.add_argument("--list", action="store_true", help="list the challenges and their signatures")
     args = parser.parse_args(argv)
     if args.list or not args.name:
