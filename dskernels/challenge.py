@@ -57,8 +57,9 @@ class Traffic:
 def count_traffic():
     """Count Triton launches, programs and bytes loaded/stored while the block runs, by wrapping the
     interpreter's builder functions (`triton.runtime.interpreter.interpreter_builder`: set_grid_dim per launch,
-    set_grid_idx per program, create_masked_load / create_masked_store / create_atomic_rmw per access;
-    create_load and create_store go through the masked ones). Yields a `Traffic`, filled as kernels run.
+    set_grid_idx per program, create_masked_load / create_masked_store / create_atomic_rmw /
+    create_atomic_cas per access; create_load, create_store, the atomic loads and stores and the tensor
+    descriptors' loads and stores go through the masked ones). Yields a `Traffic`, filled as kernels run.
     RuntimeError outside the interpreter (TRITON_INTERPRET=1)."""
     if not interpreting():
         raise RuntimeError("count_traffic: needs Triton's interpreter (TRITON_INTERPRET=1, set without a GPU)")
@@ -66,7 +67,8 @@ def count_traffic():
 
     traffic = Traffic()
     real = {name: getattr(builder, name) for name in ("set_grid_dim", "set_grid_idx", "create_masked_load",
-                                                      "create_masked_store", "create_atomic_rmw")}
+                                                      "create_masked_store", "create_atomic_rmw",
+                                                      "create_atomic_cas")}
 
     def size(ptrs, mask) -> int:  # bytes of the elements the mask lets through
         return int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
@@ -79,21 +81,27 @@ def count_traffic():
         traffic.programs += 1
         return real["set_grid_idx"](*index)
 
-    def load(ptrs, mask, *args):
+    def load(ptrs, mask, *args, **kwargs):  # tensor descriptors pass cache_policy= by keyword
         traffic.bytes_loaded += size(ptrs, mask)
-        return real["create_masked_load"](ptrs, mask, *args)
+        return real["create_masked_load"](ptrs, mask, *args, **kwargs)
 
-    def store(ptrs, value, mask, *args):
+    def store(ptrs, value, mask, *args, **kwargs):
         traffic.bytes_stored += size(ptrs, mask)
-        return real["create_masked_store"](ptrs, value, mask, *args)
+        return real["create_masked_store"](ptrs, value, mask, *args, **kwargs)
 
     def atomic(op, ptrs, value, mask, *args):  # read, modify, write
         traffic.bytes_loaded += size(ptrs, mask)
         traffic.bytes_stored += size(ptrs, mask)
         return real["create_atomic_rmw"](op, ptrs, value, mask, *args)
 
+    def compare_and_swap(ptrs, compare, value, *args):  # no mask: every element read, and written
+        nbytes = ptrs.data.size * ptrs.get_element_ty().primitive_bitwidth // 8
+        traffic.bytes_loaded += nbytes
+        traffic.bytes_stored += nbytes
+        return real["create_atomic_cas"](ptrs, compare, value, *args)
+
     wrappers = dict(set_grid_dim=set_grid_dim, set_grid_idx=set_grid_idx, create_masked_load=load,
-                    create_masked_store=store, create_atomic_rmw=atomic)
+                    create_masked_store=store, create_atomic_rmw=atomic, create_atomic_cas=compare_and_swap)
     for name, wrapper in wrappers.items():
         setattr(builder, name, wrapper)  # an instance attribute shadows the class's method
     try:

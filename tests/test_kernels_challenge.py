@@ -105,6 +105,24 @@ def test_a_kernel_without_triton_is_not_counted_as_free(capsys):
     assert "launched no Triton kernel" in capsys.readouterr().out
 
 
+def test_count_traffic_counts_atomics_and_tensor_descriptors(device):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, y_ptr, lock_ptr, n, BLOCK: tl.constexpr):
+        tl.atomic_cas(lock_ptr, 0, 1)  # one int32 read and written
+        source = tl.make_tensor_descriptor(x_ptr, shape=[n], strides=[1], block_shape=[BLOCK])
+        tl.store(y_ptr + tl.arange(0, BLOCK), source.load([0]), mask=tl.arange(0, BLOCK) < n)
+
+    x, y = torch.randn(16, device=device), torch.zeros(16, device=device)
+    lock = torch.zeros(1, dtype=torch.int32, device=device)
+    with challenge.count_traffic() as traffic:
+        kernel[(1,)](x, y, lock, 10, BLOCK=16)
+    assert torch.equal(y[:10], x[:10]) and int(lock) == 1
+    assert (traffic.bytes_loaded, traffic.bytes_stored) == (4 + 10 * 4, 4 + 10 * 4)
+
+
 def test_load_kernel_names_what_is_missing(tmp_path):
     with pytest.raises(challenge.ChallengeError, match="--kernel: expected a Python file"):
         challenge.load_kernel(tmp_path / "missing.py")
