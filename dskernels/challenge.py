@@ -276,20 +276,23 @@ class ChallengeError(Exception):
 
 
 def load_kernel(path: str | Path, function: str = "kernel") -> Callable:
-    """The function named `function` in the Python file at `path`. ChallengeError naming the file and what
-    is wrong: no such file, a syntax error (with its line), an exception while importing it, no callable
-    named `function`."""
+    """The function named `function` in the Python file at `path` (which may import the files beside it).
+    ChallengeError naming the file and what is wrong: no such file, a syntax error (with its line), an
+    exception while importing it, no callable named `function`."""
     path = Path(path)
     if not path.is_file():
         raise ChallengeError(f"--kernel: expected a Python file, {path} is not one")
     spec = importlib.util.spec_from_file_location(f"learner_kernel_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))  # as `python FILE` does: its neighbours import
     try:
         spec.loader.exec_module(module)
     except SyntaxError as error:
         raise ChallengeError(f"{path.name} line {error.lineno}: SyntaxError: {error.msg}") from error
     except Exception as error:  # the learner's file raised while importing: name it, not our traceback
         raise ChallengeError(f"importing {path.name} raised {type(error).__name__}: {error}") from error
+    finally:
+        sys.path.remove(str(path.resolve().parent))
     if not callable(getattr(module, function, None)):
         raise ChallengeError(f"{path.name}: expected a function named {function!r} (--function to name "
                              f"another)")
