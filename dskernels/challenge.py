@@ -278,10 +278,13 @@ class ChallengeError(Exception):
 def load_kernel(path: str | Path, function: str = "kernel") -> Callable:
     """The function named `function` in the Python file at `path` (which may import the files beside it).
     ChallengeError naming the file and what is wrong: no such file, a syntax error (with its line), an
-    exception while importing it, no callable named `function`."""
+    exception while importing it, no callable named `function`, a name not ending in .py."""
     path = Path(path)
     if not path.is_file():
         raise ChallengeError(f"--kernel: expected a Python file, {path} is not one")
+    if path.suffix != ".py":
+        raise ChallengeError(f"--kernel: expected a Python file ending in .py, got {path.name} (in a notebook, "
+                             f"call run_challenge(NAME, your_function) instead)")
     spec = importlib.util.spec_from_file_location(f"learner_kernel_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.resolve().parent))  # as `python FILE` does: its neighbours import
