@@ -6,7 +6,8 @@ only (tensors, numbers, strings, tuples) and compares them in its own process. T
 
 - cells: the notebook's code cells run in a real IPython shell, as IPython runs them (magics included:
   `%%time` or `%%capture` run their body and keep its definitions); a cell's error is noted and the next cell
-  runs. Then each request calls the notebook's function of that name on the grader's arguments.
+  runs. Then each request calls the notebook's function of that name on the grader's arguments, under the
+  question's memory budget where it has one (exercises.budget).
 - kernel: no notebook code runs. Each request launches the kernel source the grader checked and compiled
   (exercises.static_check, exercises.kernel_compile) through the contract's launcher (exercises.contracts),
   under Triton's interpreter.
@@ -29,6 +30,7 @@ os.dup2(_null, 1)
 import torch  # noqa: E402
 
 from exercises import wire  # noqa: E402
+from exercises.budget import memory_budget, out_of_memory  # noqa: E402
 
 
 class _Otter(types.ModuleType):
@@ -100,14 +102,17 @@ def _run_cells(cells: list[str], skip: set[int]) -> tuple[dict, list[str]]:
 
 
 def _call(fn, request: dict) -> dict:
+    """Call fn on the request's arguments, within the question's memory budget (exercises.budget) if it has one;
+    `out_of_memory` only chooses the grader's words for a failure, never a verdict."""
     args = torch.load(io.BytesIO(request["args"]), weights_only=False)  # from the grader: trusted
-    result, error, error_type = None, None, None
+    result, error, error_type, oom = None, None, None, False
     try:
-        result = fn(*args)
+        with memory_budget(request.get("memory_mb")):
+            result = fn(*args)
     except BaseException as e:  # an answer's SystemExit or KeyboardInterrupt fails this case only
-        error, error_type = _error_text(e), _error_type(e)
+        error, error_type, oom = _error_text(e), _error_type(e), out_of_memory(e)
     return {"value": _plain(result), "mutated": tuple(_plain(args[i]) for i in request["mutated"]),
-            "error": error, "error_type": error_type}
+            "error": error, "error_type": error_type, "out_of_memory": oom}
 
 
 def _cells_function(namespace: dict, name: str):

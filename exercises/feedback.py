@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import sys
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from exercises import guard
+from exercises.budget import memory_budget, out_of_memory, over_budget
 from exercises.compare import describe, mismatch
 from exercises.contracts import CONTRACTS
 from exercises.questions import QUESTIONS, Question, clone
@@ -119,51 +118,9 @@ def _earlier_functions(question: Question, fn) -> str:
 
 
 def _raised(question: Question, error: Exception) -> str:
-    if question.memory_budget_mb is not None and _out_of_memory(error):
-        return (f"ran out of memory: one call may use {question.memory_budget_mb} MiB more, and the way this "
-                "exercise teaches fits in that while the naive way does not (see the statement)")
+    if question.memory_budget_mb is not None and out_of_memory(error):
+        return over_budget(question.memory_budget_mb, question.memory_rule)
     return f"raised {type(error).__name__}: {error}"
-
-
-def _out_of_memory(error: Exception) -> bool:
-    return isinstance(error, MemoryError) or bool(re.search(r"alloc|out of memory", str(error), re.I))
-
-
-def _address_space() -> int | None:
-    """This process's address space in bytes (Linux: VmSize), or None where it cannot be read."""
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(r"^VmSize:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) << 10 if match else None
-
-
-@contextmanager
-def memory_budget(mb: int | None):
-    """Run the block with at most `mb` MiB more address space (RLIMIT_AS, as the grading sandbox limits it);
-    an allocation beyond it raises (torch: RuntimeError, Python: MemoryError). No limit where `mb` is None,
-    where the platform has no RLIMIT_AS or /proc, or where a tighter limit is already set."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        resource = None
-    used = _address_space()
-    if mb is None or resource is None or used is None or not hasattr(resource, "RLIMIT_AS"):
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = used + (mb << 20)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    if soft != resource.RLIM_INFINITY and soft <= limit:
-        yield
-        return
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _check_contract(name: str, fn) -> None:

@@ -133,7 +133,7 @@ class Grader:
             runtime = self.runtimes[frozenset() if key is None else key]
             talk = Conversation(self.isolation, runtime, self.hide, self.limits, init, report.notes, deadline)
             calls = [Call(c.question.name, c.args, c.question.mutated_args,
-                          c.question.call_timeout * self.limits.call_timeout_scale)
+                          c.question.call_timeout * self.limits.call_timeout_scale, c.question.memory_budget_mb)
                      for c in (self.cases[i] for i in indices)]
             outcomes.update(zip(indices, talk.run(calls)))
         for i, (case, test) in enumerate(zip(self.cases, report.tests)):

@@ -39,6 +39,7 @@ class Call:
     args: tuple
     mutated: tuple[int, ...]
     timeout: float
+    memory_mb: int | None = None  # the question's memory budget per call (exercises.budget), if any
 
 
 class Conversation:
@@ -116,7 +117,7 @@ class Conversation:
         if self.sandbox is None:
             return None
         try:
-            reply = self.sandbox.call(call.name, call.args, call.mutated, call.timeout)
+            reply = self.sandbox.call(call.name, call.args, call.mutated, call.timeout, call.memory_mb)
         except (wire.Timeout, wire.Closed, wire.BadMessage, OSError) as error:
             failures[call.name] = failures.get(call.name, 0) + 1
             self.close()

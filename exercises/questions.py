@@ -57,8 +57,10 @@ class Question:
     n_hidden: int = 3
     call_timeout: float = 10.0  # seconds per call when graded
     # address space (MiB) one call may add, where the exercise teaches a way that needs less memory than the
-    # naive one (MLA absorption): the check runs each call under this limit (exercises.feedback)
+    # naive one (MLA absorption, routed experts): the check and grading (visible and hidden cases) run each call
+    # under this limit (exercises.budget); memory_rule says, for the message, what fits and what does not
     memory_budget_mb: int | None = None
+    memory_rule: str = ""
     # common mistakes: (what the learner did, the reference computed with that mistake); an answer equal to one
     # of them is told which mistake it matches (exercises.feedback)
     mistakes: tuple[tuple[str, Callable[..., object]], ...] = ()
@@ -263,6 +265,8 @@ MLA_LONG = ModelConfig(vocab_size=32, hidden_size=128, num_hidden_layers=1, num_
                        intermediate_size=32, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=256,
                        qk_rope_head_dim=32, v_head_dim=256, rope_interleave=True)
 MLA_BUDGET_MB = 512
+MLA_RULE = ("the absorbed way (W^UK folded into the query, W^UV applied after the weighted sum of latents) fits "
+            "in that, while decompressing the cache into per-head keys and values does not")
 
 
 def _mla_absorbed_args(gen, hidden):
@@ -980,7 +984,8 @@ QUESTIONS = {q.name: q for q in [
     Question("mla_decompress", ("attn", "c_kv"), _mla_decompress_args, _mla_decompress_ref, MLA_FORBIDDEN,
              routes=ATTENTION_ROUTES),
     Question("mla_absorbed", ("attn", "q_nope", "q_pe", "c_kv", "k_pe"), _mla_absorbed_args, _mla_absorbed_ref,
-             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES, memory_budget_mb=MLA_BUDGET_MB),
+             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES, memory_budget_mb=MLA_BUDGET_MB,
+             memory_rule=MLA_RULE),
     Question("route_topk", ("gate", "x"), _route_args, _route_ref,
              ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
              align=_in_answer_order),

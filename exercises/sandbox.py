@@ -2,7 +2,7 @@
 
 What the submission's process sees (`build_runtime`): the Python interpreter and its packages (torch, triton,
 IPython), and one runtime folder holding the grader's side of the conversation (`exercises/_child.py`,
-`wire.py`, `contracts.py`) and a scaffold `refimpl`: the modules the exercise may import (and the refimpl modules
+`wire.py`, `contracts.py`, `budget.py`) and a scaffold `refimpl`: the modules the exercise may import (and the refimpl modules
 they import), with every definition the graded questions' `forbidden` lists name deleted (and deleted from the
 `from refimpl.x import ...` lines that named it). No `dskernels`, no source notebooks, no tests, no seed, no other
 submission: the checkout itself is not there.
@@ -43,7 +43,7 @@ NOBODY = 65534
 FILE_SIZE = 256 << 20  # bytes, the largest file the submission may write
 PROCESSES = 1024  # processes and threads of uid nobody (as root)
 TEMP_DIRS = ("/tmp", "/dev/shm", "/var/tmp")  # private and empty in the sandbox
-RUNTIME_FILES = ("_child.py", "wire.py", "contracts.py")  # the grader's code that runs inside
+RUNTIME_FILES = ("_child.py", "wire.py", "contracts.py", "budget.py")  # the grader's code that runs inside
 SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs",
            "--inh-caps=-all", "--bounding-set=-all"]
 
@@ -295,9 +295,10 @@ class Sandbox:
     def read(self, timeout: float):
         return wire.read(self.out, deadline=time.monotonic() + timeout)
 
-    def call(self, name: str, args: tuple, mutated: tuple[int, ...], timeout: float):
+    def call(self, name: str, args: tuple, mutated: tuple[int, ...], timeout: float, memory_mb: int | None = None):
         deadline = time.monotonic() + timeout
-        wire.write(self.into, {"name": name, "args": wire.dumps(args), "mutated": mutated}, deadline=deadline)
+        wire.write(self.into, {"name": name, "args": wire.dumps(args), "mutated": mutated, "memory_mb": memory_mb},
+                   deadline=deadline)
         return wire.read(self.out, deadline=deadline)
 
     def kill(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exercises import assignments
+from exercises.budget import over_budget
 from exercises.compare import mismatch
 from exercises.protocol import Outcome
 from exercises.questions import Question
@@ -71,6 +72,8 @@ def verdict(case: Case, outcome: Outcome) -> tuple[bool, str]:
     if outcome.reply is None:
         return False, outcome.failure
     reply, q = outcome.reply, case.question
+    if q.memory_budget_mb is not None and reply.get("out_of_memory") is True:
+        return False, over_budget(q.memory_budget_mb, q.memory_rule)  # words only: an error fails anyway
     if reply.get("error") is not None or reply.get("error_type") is not None:
         kind = str(reply.get("error_type") or "an error")
         kind = kind if kind.isidentifier() else "an error"
