@@ -7,6 +7,9 @@ reference computed with a common mistake (`Question.mistakes`), which mistake. I
 passes. otter's `grader.check(...)` cells in the student notebooks call it. Grading runs the same cases and more
 (hidden ones), elsewhere.
 
+`notebook_file("02_rope")`, in the released notebook's first cell, finds the notebook file otter reads the checks
+from, whatever it is called (a second download is `02_rope (1).ipynb`).
+
 A Triton exercise gets its inputs on the GPU when there is one and the interpreter is off (a compiled kernel
 refuses CPU tensors); its answer is brought back to the CPU, where the expected one is computed.
 """
@@ -14,6 +17,7 @@ refuses CPU tensors); its answer is brought back to the CPU, where the expected 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import sys
 import traceback
@@ -25,7 +29,33 @@ from exercises import guard
 from exercises.budget import memory_budget, out_of_memory, over_budget
 from exercises.compare import describe, mismatch
 from exercises.contracts import CONTRACTS
-from exercises.questions import QUESTIONS, Question, clone
+from exercises.questions import EXERCISES, QUESTIONS, Question, clone
+
+
+def _otter_tests(path: Path) -> set[str]:
+    """The question names whose checks otter stored in the notebook's metadata (empty where it has none)."""
+    try:
+        tests = json.loads(path.read_text(encoding="utf-8"))["metadata"]["otter"]["tests"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return set(tests) if isinstance(tests, dict) else set()
+
+
+def notebook_file(assignment: str) -> str:
+    """The path of this assignment's notebook, for `otter.Notebook(...)`, which reads the checks from the
+    file's metadata: the notebook the kernel was started for (Jupyter's `JPY_SESSION_NAME`), else
+    `ASSIGNMENT.ipynb` in the working folder, else any notebook there holding this assignment's checks (a renamed
+    download such as `02_rope (1).ipynb`), names starting with the assignment's first. Raises FileNotFoundError
+    naming the folder when there is none."""
+    wanted = set(EXERCISES[assignment].questions) if assignment in EXERCISES else set()
+    session = os.environ.get("JPY_SESSION_NAME", "")
+    here = sorted(Path.cwd().glob("*.ipynb"), key=lambda p: (not p.name.startswith(assignment), p.name))
+    candidates = ([Path(session)] if session.endswith(".ipynb") else []) + [Path(f"{assignment}.ipynb")] + here
+    for path in candidates:
+        if path.is_file() and (tests := _otter_tests(path)) and tests <= wanted:
+            return str(path)
+    raise FileNotFoundError(f"no notebook of {assignment} in {Path.cwd().name}/: grader.check reads its checks "
+                            f"from the notebook file; open and save the notebook in that folder")
 
 
 def check(name: str, fn) -> None:

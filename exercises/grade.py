@@ -58,10 +58,10 @@ class Grader:
     """What is shared by every submission of one run: cases, runtimes (one per scaffold), isolation, compiles."""
 
     def __init__(self, assignment: assignments.Assignment, seed: int, limits: Limits, work: Path,
-                 hide: tuple[Path, ...]):
+                 hide: tuple[Path, ...], visible_share: float | None = None):
         self.assignment, self.limits, self.hide = assignment, limits, hide
         self.isolation = sandbox.detect()
-        self.cases = build_cases(assignment, seed)
+        self.cases = build_cases(assignment, seed, visible_share)
         self.questions = [q for q, _ in assignment.questions]
         self.modules = set(sandbox.closure(assignment.exercise.may_import))
         self.runtimes: dict[frozenset[str], Path] = {}
@@ -82,7 +82,8 @@ class Grader:
         """Grade one submission; never raises (every failure becomes a reason in the report)."""
         report = Report(student, outputs.file_name(path))
         started = time.monotonic()
-        report.tests = [Test(f"{c.question.name} ({c.label})", c.units, c.label.split()[0]) for c in self.cases]
+        report.tests = [Test(f"{c.question.name} ({c.label})", c.units, c.label.split()[0], question=c.question.name)
+                        for c in self.cases]
         try:
             cells = read_cells(path)
         except ValueError as error:
@@ -142,8 +143,9 @@ class Grader:
 
 
 def grade(assignment_name: str, submissions: Path, out_dir: Path, seed: int, jobs: int | None = None,
-          limits: Limits = Limits(), progress: bool = True) -> list[Report]:
-    """Grade every file in `submissions`; write the outputs to `out_dir`; return the reports."""
+          limits: Limits = Limits(), progress: bool = True, visible_share: float | None = None) -> list[Report]:
+    """Grade every file in `submissions`; write the outputs to `out_dir`; return the reports. `visible_share`:
+    the share of each question's points on its visible cases (default: every case weighs the same)."""
     assignment = assignments.load(assignment_name)
     torch.set_num_threads(1)
     paths = sorted(Path(submissions).iterdir())
@@ -151,7 +153,7 @@ def grade(assignment_name: str, submissions: Path, out_dir: Path, seed: int, job
     reports: list[Report | None] = [None] * len(paths)
     with tempfile.TemporaryDirectory(prefix="grade-run-") as work:
         os.chmod(work, 0o755)  # the runtimes inside are read by uid nobody
-        grader = Grader(assignment, seed, limits, Path(work), (Path(submissions), Path(out_dir)))
+        grader = Grader(assignment, seed, limits, Path(work), (Path(submissions), Path(out_dir)), visible_share)
         print(grader.isolation.description, file=sys.stderr)
 
         def run(k: int) -> None:
@@ -166,7 +168,7 @@ def grade(assignment_name: str, submissions: Path, out_dir: Path, seed: int, job
                 note = "not a plain file: expected one .ipynb notebook per student"
             reports[k] = Report(ids[k], outputs.file_name(path), notes=[note])
             reports[k].tests = [Test(f"{c.question.name} ({c.label})", c.units, c.label.split()[0],
-                                     output="not graded") for c in grader.cases]
+                                     output="not graded", question=c.question.name) for c in grader.cases]
 
         jobs = jobs or os.cpu_count() or 1
         with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(paths), desc="grading", unit="notebook",

@@ -2,7 +2,8 @@
 
 Points are kept in integer units of 1/10,000 so that totals are exact for any split: a question's points go in
 equal parts to its cases, the remainder to the last case (a 1-point question over 3 cases: 0.3333, 0.3333,
-0.3334). A verdict rests on the values the sandbox sent back (compared with refimpl's answer here), on the static
+0.3334); or, with a visible share (`grade --visible-share 0.5`), that share to the visible cases and the rest to
+the hidden ones, each part split the same way. A verdict rests on the values the sandbox sent back (compared with refimpl's answer here), on the static
 check of the submission's source and, for kernels, on the grader's own compile: never on what the submission's
 process says about itself. A hidden case's message names no input and no value: its inputs are drawn from the
 instructor's seed, and results.json is the student's to see.
@@ -38,17 +39,35 @@ class Case:
 
 def split_points(points: float, n: int) -> list[int]:
     """`points` in UNITS, split over n cases: equal parts, the remainder on the last."""
-    total = round(points * UNITS)
+    return _split_units(round(points * UNITS), n)
+
+
+def _split_units(total: int, n: int) -> list[int]:
     part = total // n
     return [part] * (n - 1) + [total - part * (n - 1)]
 
 
-def build_cases(assignment: assignments.Assignment, seed: int) -> list[Case]:
-    """Every test case of the assignment, with refimpl's answers: per question the visible, then the hidden."""
+def case_units(points: float, n_visible: int, n_hidden: int, visible_share: float | None = None) -> list[int]:
+    """A question's points in UNITS over its visible then hidden cases: equal parts over all cases when
+    `visible_share` is None (the default), else that share of the points (rounded to a unit) in equal parts over
+    the visible cases and the rest over the hidden ones; each remainder on the last case of its kind."""
+    if visible_share is None:
+        return split_points(points, n_visible + n_hidden)
+    if not 0.0 <= visible_share <= 1.0:
+        raise ValueError(f"visible share: expected a number from 0 to 1, got {visible_share}")
+    total = round(points * UNITS)
+    visible = round(total * visible_share)
+    return _split_units(visible, n_visible) + _split_units(total - visible, n_hidden)
+
+
+def build_cases(assignment: assignments.Assignment, seed: int, visible_share: float | None = None) -> list[Case]:
+    """Every test case of the assignment, with refimpl's answers: per question the visible, then the hidden
+    (points per case: `case_units`)."""
     cases = []
     for question, points in assignment.questions:
-        drawn = question.cases(None) + question.cases(seed)
-        for (label, args), units in zip(drawn, split_points(points, len(drawn))):
+        visible, hidden = question.cases(None), question.cases(seed)
+        drawn = visible + hidden
+        for (label, args), units in zip(drawn, case_units(points, len(visible), len(hidden), visible_share)):
             expected, mutated = question.expected(args)
             cases.append(Case(question, label, args, expected, mutated, units))
     return cases

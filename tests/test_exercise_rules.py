@@ -61,3 +61,76 @@ def test_grading_enforces_the_memory_budget_on_visible_and_hidden_cases(tmp_path
         assert units == 0 and output.startswith("ran out of memory: each call may use 512 MiB more"), (label, output)
         assert "decompressing the cache into per-head keys and values does not" in output
     assert all(units > 0 for label, units, _ in cases if (label, units, _) not in long_cases), cases
+
+
+def _run(notebook, folder: Path) -> list[str]:
+    """Execute the notebook in a real kernel in `folder`; the text output of each grader.check cell."""
+    import nbclient
+
+    nbclient.NotebookClient(notebook, timeout=300, allow_errors=True,
+                            resources={"metadata": {"path": str(folder)}}).execute()
+    return ["".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") + o.get("evalue", "")
+                    for o in c.outputs) for c in notebook.cells if c.cell_type == "code" and "grader.check" in c.source]
+
+
+def test_a_renamed_download_still_checks(tmp_path, monkeypatch):
+    """A second download is `02_rope (1).ipynb`: otter's init cell named the file, and every check then failed
+    with NameError. The released init cell finds the notebook whatever its name."""
+    from exercises import release
+
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    (written,) = release.release(["02_rope"], tmp_path / "release")
+    notebook = nbformat.read(written, as_version=4)
+    solution = nbformat.read(assignments.load("02_rope").path, as_version=4)
+    answer = next(c.source for c in solution.cells if c.cell_type == "code" and "def rope_interleaved" in c.source)
+    for cell in notebook.cells:
+        if cell.cell_type == "code" and "def rope_interleaved" in cell.source:
+            cell.source = answer
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    nbformat.write(notebook, folder / "02_rope (1).ipynb")
+    (folder / "03_mla.ipynb").write_text("{}")  # another notebook in the folder is not taken for it
+    (check,) = _run(notebook, folder)
+    assert "visible cases ran here, and they passed" in check, check
+
+
+def test_notebook_file_prefers_the_session_then_the_name(tmp_path, monkeypatch):
+    from exercises.feedback import notebook_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    with pytest.raises(FileNotFoundError, match="no notebook of 02_rope in"):
+        notebook_file("02_rope")
+    rope = {"metadata": {"otter": {"tests": {"rope_interleaved": "..."}}}}
+    for name in ("02_rope (2).ipynb", "02_rope (1).ipynb", "copy.ipynb"):
+        (tmp_path / name).write_text(json.dumps(rope))
+    (tmp_path / "01_attention.ipynb").write_text(json.dumps({"metadata": {"otter": {"tests": {"causal_sdpa": ""}}}}))
+    assert notebook_file("02_rope") == str(tmp_path / "02_rope (1).ipynb")
+    monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "copy.ipynb"))
+    assert notebook_file("02_rope") == str(tmp_path / "copy.ipynb")
+    monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "01_attention.ipynb"))  # another assignment's
+    (tmp_path / "02_rope.ipynb").write_text(json.dumps(rope))
+    assert notebook_file("02_rope") == "02_rope.ipynb"
+
+
+def test_outputs_per_question_visible_share_and_no_isolation_for_students(tmp_path):
+    """A renamed download grades as 02_rope; summary.csv has a column per question; `visible_share` puts that
+    share of a question's points on its visible cases, exactly; results.json does not show the isolation."""
+    subs = tmp_path / "subs"
+    _submission("01_attention", {}, subs, "01_attention (1).ipynb")
+    _submission("01_attention", {"causal_sdpa": "def causal_sdpa(q, k, v):\n    return q"}, subs, "wrong.ipynb")
+    reports = {r.file: r for r in grade.grade("01_attention", subs, tmp_path / "out", seed=3, jobs=2,
+                                              progress=False, visible_share=0.5)}
+    assert reports["01_attention (1).ipynb"].score == 10.0
+    with open(tmp_path / "out/summary.csv", encoding="utf-8") as f:
+        rows = {row["file"]: row for row in csv.DictReader(f)}
+    row = rows["wrong.ipynb"]
+    assert [row[q] for q in ("causal_sdpa", "kv_cache_update", "decode_step")] == ["0.0000", "3.0000", "3.0000"]
+    assert row["score"] == "6.0000" and rows["01_attention (1).ipynb"]["causal_sdpa"] == "4.0000"
+    visible = [t.max_units for t in reports["wrong.ipynb"].tests if t.name.startswith("causal_sdpa (visible")]
+    hidden = [t.max_units for t in reports["wrong.ipynb"].tests if t.name.startswith("causal_sdpa (hidden")]
+    assert sum(visible) == 20_000 and sum(hidden) == 20_000 and len(visible) == 2, (visible, hidden)
+    results = json.loads((tmp_path / "out/students/wrong/results.json").read_text())
+    assert "isolation" not in results["output"], results["output"]
+    assert round(sum(t["score"] for t in results["tests"]), 4) == 6.0
+    assert (tmp_path / "out/isolation.txt").read_text().startswith("isolation: ")
