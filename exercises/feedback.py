@@ -131,19 +131,21 @@ def _learner_line(error: Exception) -> str:
 
 
 def _earlier_functions(question: Question, fn) -> str:
-    """Where `fn` calls a function of an earlier exercise (`Question.uses`) that fails its own check: say so."""
+    """Where `fn` calls a function of an earlier exercise (`Question.depends_on`) that fails its own check: say
+    so, and that grading charges it there only."""
     try:
         seen = inspect.getclosurevars(fn)
     except TypeError:  # not a Python function
         return ""
-    for name in question.uses:
+    for name in question.depends_on:
         earlier = seen.nonlocals.get(name, seen.globals.get(name))
         if not callable(earlier):
             continue
         try:
             check(name, earlier)
         except AssertionError:
-            return f"; it calls your {name}, which fails its own check: fix {name} first"
+            return (f"; it calls your {name}, which fails its own check: fix {name} first (grading judges "
+                    f"{question.name} with a correct {name} in place of yours, so this costs {name}'s points only)")
     return ""
 
 

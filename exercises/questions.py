@@ -64,7 +64,10 @@ class Question:
     # common mistakes: (what the learner did, the reference computed with that mistake); an answer equal to one
     # of them is told which mistake it matches (exercises.feedback)
     mistakes: tuple[tuple[str, Callable[..., object]], ...] = ()
-    uses: tuple[str, ...] = ()  # functions of earlier exercises an answer may call (a failure there is named)
+    # functions of earlier exercises an answer may call: the learner's check names one that fails its own check,
+    # and grading judges this question with their references standing in for them (exercises.grade), so a
+    # mistake there costs that question's points only
+    depends_on: tuple[str, ...] = ()
 
     def cases(self, seed: int | None) -> list[tuple[str, tuple]]:
         """[(label, args)]: the visible cases when seed is None, else the hidden ones drawn from seed."""
@@ -972,7 +975,7 @@ QUESTIONS = {q.name: q for q in [
              ("refimpl.attention.KVCache.update",), mutated_args=(0, 1)),
     Question("decode_step", ("q", "k_new", "v_new", "cache_k", "cache_v", "pos"), _decode_args, _decode_ref,
              ("refimpl.attention.KVCache.update",) + SDPA_EQUIVALENTS, mutated_args=(3, 4),
-             routes=ATTENTION_ROUTES, uses=("kv_cache_update", "causal_sdpa")),
+             routes=ATTENTION_ROUTES, depends_on=("kv_cache_update", "causal_sdpa")),
     Question("rope_interleaved", ("x", "cos", "sin"), _rope_args, _rope_ref, ("refimpl.rope.apply_rope",),
              routes=ROPE_ROUTES),
     Question("yarn_inv_freq", ("dim", "base", "scaling"), _yarn_freq_args, _yarn_freq_ref, YARN_FORBIDDEN,
@@ -993,7 +996,8 @@ QUESTIONS = {q.name: q for q in [
              ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
              align=_in_answer_order),
     Question("moe_forward", ("moe", "hidden_states"), _moe_args, _moe_ref,
-             tuple(f"refimpl.moe.{f}" for f in ("DeepSeekMoE.forward", "dispatch", "run_experts", "combine"))),
+             tuple(f"refimpl.moe.{f}" for f in ("DeepSeekMoE.forward", "dispatch", "run_experts", "combine")),
+             depends_on=("route_topk", "route_group_limited")),
     Question("update_bias", ("bias", "load", "gamma"), _bias_args, _bias_ref, ("refimpl.moe.update_bias",),
              mutated_args=(0,), atol=1e-7, rtol=1e-6),
     Question("kv_bytes_per_token", ("config", "bytes_per_element"), _kv_bytes_args, _kv_bytes_ref,

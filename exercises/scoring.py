@@ -6,18 +6,22 @@ equal parts to its cases, the remainder to the last case (a 1-point question ove
 the hidden ones, each part split the same way. A verdict rests on the values the sandbox sent back (compared with refimpl's answer here), on the static
 check of the submission's source and, for kernels, on the grader's own compile: never on what the submission's
 process says about itself. A hidden case's message names no input and no value: its inputs are drawn from the
-instructor's seed, and results.json is the student's to see.
+instructor's seed, and results.json is the student's to see. A question that calls earlier questions' functions
+(`Question.depends_on`) is judged with their references standing in for the learner's (`reference_answer`): a
+mistake in an earlier function costs that function's points only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from exercises import assignments
 from exercises.budget import over_budget
 from exercises.compare import mismatch
 from exercises.protocol import Outcome
-from exercises.questions import Question
+from exercises.questions import QUESTIONS, Question, clone
 
 UNITS = 10_000  # point units per point: scores are exact to 4 decimals
 MESSAGE_CAP = 2000  # characters of any one message
@@ -71,6 +75,50 @@ def build_cases(assignment: assignments.Assignment, seed: int, visible_share: fl
             expected, mutated = question.expected(args)
             cases.append(Case(question, label, args, expected, mutated, units))
     return cases
+
+
+def _tensor_bytes(value, depth: int = 0) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)) and depth < 4:
+        return sum(_tensor_bytes(v, depth + 1) for v in value)
+    return 0
+
+
+def _decode(value, case_args: tuple, depth: int = 0):
+    """A stand-in's argument (exercises._child._encode): ("module", i, name) is a copy of the module of that name
+    inside the case's argument i; the rest is data as it came."""
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == "module":
+        _, index, path = value
+        if not (isinstance(index, int) and 0 <= index < len(case_args) and isinstance(path, str)
+                and isinstance(case_args[index], torch.nn.Module)):
+            raise ValueError("a module that is not one of the call's arguments")
+        return clone(case_args[index].get_submodule(path))
+    if isinstance(value, tuple) and depth < 3:
+        return tuple(_decode(v, case_args, depth + 1) for v in value)
+    return value
+
+
+def reference_answer(case: Case, request: dict) -> dict:
+    """The answer to a stand-in's request (exercises._child) while `case` runs: the reference result of the
+    earlier question it names (one of `case.question.depends_on`) on the arguments it sent, and those arguments
+    after the call where that question writes them in place; {"error": why} otherwise. The arguments may hold at
+    most twice the case's own tensor bytes (the reference runs here, in the grader's process)."""
+    name, args = request.get("name"), request.get("args")
+    if name not in case.question.depends_on or name not in QUESTIONS:
+        return {"error": "is not a function this question may call"}
+    question = QUESTIONS[name]
+    if not isinstance(args, tuple) or len(args) != len(question.arg_names):
+        return {"error": f"takes {len(question.arg_names)} arguments ({', '.join(question.arg_names)})"}
+    if _tensor_bytes(args) > 2 * _tensor_bytes(case.args):
+        return {"error": "was handed more data than the case holds"}
+    try:
+        args = _decode(args, case.args)
+        with torch.no_grad():
+            value = question.reference(*args)
+    except Exception as error:  # the learner's arguments do not fit the reference
+        return {"error": f"raised {type(error).__name__}: {error}"[:500]}
+    return {"value": value, "mutated": tuple(args[i] for i in question.mutated_args)}
 
 
 def _hidden_mismatch(problem: str) -> str:

@@ -134,3 +134,74 @@ def test_outputs_per_question_visible_share_and_no_isolation_for_students(tmp_pa
     assert "isolation" not in results["output"], results["output"]
     assert round(sum(t["score"] for t in results["tests"]), 4) == 6.0
     assert (tmp_path / "out/isolation.txt").read_text().startswith("isolation: ")
+
+
+NO_SCALE_SDPA = '''import torch
+
+
+def causal_sdpa(q, k, v):
+    s, t = q.shape[-2], k.shape[-2]
+    allowed = torch.ones(s, t, dtype=torch.bool).tril(diagonal=t - s)
+    return (q @ k.transpose(-2, -1)).masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # no 1/sqrt(d)
+'''
+STALE_CACHE_UPDATE = '''def kv_cache_update(cache_k, cache_v, k_new, v_new, start_pos):
+    end = start_pos + k_new.shape[2]
+    cache_k[:, :, start_pos:end] = k_new  # forgets the values
+    return cache_k[:, :, :end], cache_v[:, :, :end]
+'''
+
+
+def test_a_failing_earlier_function_is_charged_once(tmp_path):
+    """01's decode_step calls the learner's causal_sdpa and kv_cache_update: graded with the references standing
+    in for them, so a wrong causal_sdpa (or kv_cache_update) costs its own points only."""
+    subs = tmp_path / "subs"
+    _submission("01_attention", {"causal_sdpa": NO_SCALE_SDPA}, subs, "sdpa.ipynb")
+    _submission("01_attention", {"kv_cache_update": STALE_CACHE_UPDATE}, subs, "cache.ipynb")
+    decode_inline = ("import torch\n\n\ndef decode_step(q, k_new, v_new, cache_k, cache_v, pos):\n"
+                     "    cache_k[:, :, pos:pos + 1], cache_v[:, :, pos:pos + 1] = k_new, v_new\n"
+                     "    k, v = cache_k[:, :, :pos + 1], cache_v[:, :, :pos + 1]\n"
+                     "    return (q @ k.transpose(-2, -1)).softmax(-1) @ v  # its own attention, no scale\n")
+    _submission("01_attention", {"causal_sdpa": NO_SCALE_SDPA, "decode_step": decode_inline}, subs, "own.ipynb")
+    reports = {r.student: {q: sum(u for _, u, _ in cases) / 10_000 for q, cases in _scores(r).items()}
+               for r in grade.grade("01_attention", subs, tmp_path / "out", seed=1, jobs=2, progress=False)}
+    assert reports["sdpa"] == {"causal_sdpa": 0.0, "kv_cache_update": 3.0, "decode_step": 3.0}
+    assert reports["cache"] == {"causal_sdpa": 4.0, "kv_cache_update": 0.0, "decode_step": 3.0}
+    assert reports["own"]["decode_step"] < 3.0  # its own attention's bug is its own
+
+
+def test_moe_forward_calling_a_wrong_router_is_charged_to_the_router(tmp_path):
+    wrong_router = ("import torch\n\n\ndef route_topk(gate, x):\n"
+                    "    weight, idx = (x @ gate.weight.T).softmax(-1).topk(gate.top_k, dim=-1)\n"
+                    "    return idx, weight  # neither normalized nor scaled\n")
+    via_router = ("import torch\n\n\ndef moe_forward(moe, hidden_states):\n"
+                  "    x = hidden_states.flatten(0, 1)\n"
+                  "    if moe.gate.scoring_func == 'softmax':\n"
+                  "        idx, weight = route_topk(moe.gate, x)\n"
+                  "    else:\n"
+                  "        idx, weight = route_group_limited(gate=moe.gate, x=x)\n"
+                  "    out = torch.zeros_like(x)\n"
+                  "    for e, expert in enumerate(moe.experts):\n"
+                  "        token, slot = (idx == e).nonzero(as_tuple=True)\n"
+                  "        out = out.index_add(0, token, expert(x[token]) * weight[token, slot, None])\n"
+                  "    if moe.shared_experts is not None:\n"
+                  "        out = out + moe.shared_experts(x)\n"
+                  "    return out.view(hidden_states.shape)\n")
+    subs = tmp_path / "subs"
+    _submission("04_moe", {"route_topk": wrong_router, "moe_forward": via_router}, subs, "router.ipynb")
+    (report,) = grade.grade("04_moe", subs, tmp_path / "out", seed=2, jobs=1, progress=False)
+    scores = _scores(report)
+    assert all(units == 0 for _, units, _ in scores["route_topk"])
+    assert all(units > 0 for _, units, _ in scores["moe_forward"]), scores["moe_forward"]
+
+
+def test_check_says_the_failure_comes_from_the_earlier_function_and_is_charged_there():
+    from exercises import feedback
+
+    namespace: dict = {}
+    exec(NO_SCALE_SDPA + "\n\ndef decode_step(q, k_new, v_new, cache_k, cache_v, pos):\n"
+         "    cache_k[:, :, pos:pos + 1], cache_v[:, :, pos:pos + 1] = k_new, v_new\n"
+         "    return causal_sdpa(q, cache_k[:, :, :pos + 1], cache_v[:, :, :pos + 1])\n", namespace)
+    with pytest.raises(AssertionError, match=r"it calls your causal_sdpa, which fails its own check: fix "
+                                             r"causal_sdpa first \(grading judges decode_step with a correct "
+                                             r"causal_sdpa in place of yours, so this costs causal_sdpa's points"):
+        feedback.check("decode_step", namespace["decode_step"])
