@@ -107,7 +107,8 @@ def mistake_hint(question: Question, args: tuple, result) -> str:
     canon = question.canonical or (lambda x: x)
     for what, wrong_reference in question.mistakes:
         try:
-            wrong = wrong_reference(*clone(args))
+            with memory_budget(question.memory_budget_mb):  # a naive mistake is refused at once on a large case
+                wrong = wrong_reference(*clone(args))
         except Exception:  # a mistake that does not apply to this case's sizes
             continue
         if mismatch(canon(result), canon(wrong), "", question.atol, question.rtol) is None:

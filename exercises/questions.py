@@ -274,7 +274,7 @@ MLA_RULE = ("the absorbed way (W^UK folded into the query, W^UV applied after th
 
 def _mla_absorbed_args(gen, hidden):
     if _kind(gen, ("long", "small", "long") if hidden else ("small", "long")) == "long":
-        attn = _randomize(MultiHeadLatentAttention(MLA_LONG), gen).eval()
+        attn = _randomize(MultiHeadLatentAttention(MLA_LONG), gen).eval().requires_grad_(False)  # no graph kept
         b, s, t = 1, 1, (16384 if hidden else 4096)  # one decode step over a long cache
     else:
         attn = _mla_module(gen, hidden)
@@ -355,15 +355,46 @@ def _in_answer_order(answer, expected) -> tuple:
     return answer, (e[0].gather(1, slot), e[1].gather(1, slot))
 
 
+# Many experts, each wide: running every routed expert on every token needs a [tokens, moe_intermediate_size]
+# activation per expert (4096 x 8192 float32: 128 MiB), over the 32 MiB budget of a call, while running each on
+# its own tokens needs [64, 8192] per expert (2 MiB). The routing is exactly balanced (64 rows per expert): expert
+# centroids spread on a circle, each token between two neighbours, so the margin holds at every seed.
+MOE_MANY = dict(hidden_size=4, n_routed_experts=128, num_experts_per_tok=2, moe_intermediate_size=8192,
+                n_shared_experts=0, n_group=1, topk_group=1)
+MOE_BUDGET_MB = 32
+MOE_RULE = ("running each routed expert on its own tokens fits in that, while running every expert on every token "
+            "(then masking or weighting the unchosen ones by 0) does not")
+
+
+def _moe_many(gen, hidden) -> tuple:
+    config = _moe_config(gen, hidden, **MOE_MANY)
+    layer = _randomize(moe.DeepSeekMoE(config), gen).eval().requires_grad_(False)  # no autograd graph kept
+    experts, tokens = config.n_routed_experts, 4096
+    slot = torch.randperm(experts, generator=gen)  # expert e sits at angle 2 pi slot[e] / experts
+    angle = 2 * torch.pi * slot.double() / experts
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        layer.gate.weight[:, 0], layer.gate.weight[:, 1] = 3000 * angle.cos(), 3000 * angle.sin()
+    # token t a quarter step past slot t % experts: its top-2 are that slot's expert and the next one
+    position = 2 * torch.pi * ((torch.randperm(tokens, generator=gen) % experts).double() + 0.25) / experts
+    x = torch.stack((position.cos(), position.sin()), -1).float()
+    x = torch.cat((x, _randn(gen, tokens, config.hidden_size - 2)), -1)  # the gate does not read the rest
+    b = _pick(gen, 1, 2) if hidden else 1
+    return layer, x.view(b, tokens // b, config.hidden_size)
+
+
 def _moe_args(gen, hidden):
-    kind = _kind(gen, ("dormant", "softmax", "dormant") if hidden else ("softmax", "dormant"))
+    kind = _kind(gen, ("dormant", "softmax", "many experts") if hidden else ("softmax", "dormant", "many experts"))
+    if kind == "many experts":
+        return _moe_many(gen, hidden)
+    shared = _pick(gen, 1, 2) if hidden else 1  # shared experts here; none in the many-experts case
     if kind == "softmax":  # V2's router
-        config = _moe_config(gen, hidden)
+        config = _moe_config(gen, hidden, n_shared_experts=shared)
         layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
     else:  # V3's router, and one expert no token is routed to, whose output overflows to inf: an answer that
         # runs every expert on every token (and weighs the unchosen ones by 0) gets NaN (0 * inf)
         config = _moe_config(gen, hidden, n_group=1, topk_group=1, scoring_func="sigmoid",
-                             topk_method="noaux_tc")
+                             topk_method="noaux_tc", n_shared_experts=shared)
         layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
         dormant = int(torch.randint(config.n_routed_experts, (1,), generator=gen))
         with torch.no_grad():
@@ -997,7 +1028,8 @@ QUESTIONS = {q.name: q for q in [
              align=_in_answer_order),
     Question("moe_forward", ("moe", "hidden_states"), _moe_args, _moe_ref,
              tuple(f"refimpl.moe.{f}" for f in ("DeepSeekMoE.forward", "dispatch", "run_experts", "combine")),
-             depends_on=("route_topk", "route_group_limited")),
+             depends_on=("route_topk", "route_group_limited"), n_visible=3, memory_budget_mb=MOE_BUDGET_MB,
+             memory_rule=MOE_RULE, call_timeout=60.0),
     Question("update_bias", ("bias", "load", "gamma"), _bias_args, _bias_ref, ("refimpl.moe.update_bias",),
              mutated_args=(0,), atol=1e-7, rtol=1e-6),
     Question("kv_bytes_per_token", ("config", "bytes_per_element"), _kv_bytes_args, _kv_bytes_ref,

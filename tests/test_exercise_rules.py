@@ -205,3 +205,19 @@ def test_check_says_the_failure_comes_from_the_earlier_function_and_is_charged_t
                                              r"causal_sdpa first \(grading judges decode_step with a correct "
                                              r"causal_sdpa in place of yours, so this costs causal_sdpa's points"):
         feedback.check("decode_step", namespace["decode_step"])
+
+
+def test_dense_moe_masked_with_where_loses_the_many_experts_cases(tmp_path):
+    """Every expert on every token, the unchosen outputs dropped with torch.where (no NaN to catch): the
+    many-experts cases (visible and hidden) do not fit in moe_forward's memory budget in grading."""
+    subs = tmp_path / "subs"
+    _submission("04_moe", {"moe_forward": _as(answers.moe_forward_dense_where, "moe_forward")}, subs, "dense.ipynb")
+    (report,) = grade.grade("04_moe", subs, tmp_path / "out", seed=0, jobs=1, progress=False)
+    question = QUESTIONS["moe_forward"]
+    many = [(label, units, output) for (label, units, output), (_, args) in
+            zip(_scores(report)["moe_forward"], question.cases(None) + question.cases(0))
+            if args[0].gate.n_routed_experts == 128]
+    assert {label.split()[0] for label, _, _ in many} == {"visible", "hidden"}, many
+    for label, units, output in many:
+        assert units == 0 and output.startswith("ran out of memory: each call may use 32 MiB more"), output
+        assert "running every expert on every token (then masking or weighting" in output
