@@ -1,15 +1,14 @@
 """Write the student versions of the exercises: `python -m exercises release [NAME ...] [--out DIR]`.
 
-`otter assign` does the work (solutions replaced by the stub between `# BEGIN PROMPT` / `# END PROMPT`, hidden
-tests and outputs removed, an otter init cell and `grader.check(...)` cells added); only the student notebooks are
-kept (otter's autograder folder holds the solutions), with an init cell that finds the notebook whatever the file
-is called (`exercises.feedback.notebook_file`: a second download is `02_rope (1).ipynb`). Each test cell gets a success message saying that only
-the visible cases ran and the hidden ones run at grading. Then every released file, zip members included, is
-searched for the solutions' text in every form otter knows (`# BEGIN SOLUTION` blocks in or outside a question,
-the lines of a raw-cell solution block, a line ending in `# SOLUTION`) and for any otter marker, and the release
-fails if any survives (otter copies a solution silently when its markers are misplaced). It fails closed: the
-notebooks are written and checked in a temporary folder, and copied to `--out` only when all pass.
-"""
+`otter assign` does the work (solutions replaced by the stub between `# BEGIN PROMPT` / `# END PROMPT`, hidden tests
+and outputs removed, an otter init cell and `grader.check(...)` cells added); only the student notebooks are kept
+(otter's autograder folder holds the solutions), with an init cell that finds the notebook whatever the file is
+called (`exercises.feedback.notebook_file`: a second download is `02_rope (1).ipynb`). Each test cell gets a success
+message saying that only the visible cases ran and the hidden ones run at grading. Then every released file, zip
+members included, is searched for the solutions' text in every form otter knows (`# BEGIN SOLUTION` blocks in or
+outside a question, the lines of a raw-cell solution block, a line ending in `# SOLUTION`) and for any otter marker,
+and the release fails if any survives (otter copies a solution silently when its markers are misplaced). It fails
+closed: the notebooks are written and checked in a temporary folder, and copied to `--out` only when all pass. """
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The sandbox a submission runs in: what it can see (a runtime folder), how it is isolated, its limits.
 
 What the submission's process sees (`build_runtime`): the Python interpreter and its packages (torch, triton,
-IPython), and one runtime folder holding the grader's side of the conversation (`exercises/_child.py`,
-`wire.py`, `contracts.py`, `budget.py`) and a scaffold `refimpl`: the modules the exercise may import (and the refimpl modules
+IPython), and one runtime folder holding the grader's side of the conversation (`exercises/_child.py`, `wire.py`,
+`contracts.py`, `budget.py`) and a scaffold `refimpl`: the modules the exercise may import (and the refimpl modules
 they import), with every definition the graded questions' `forbidden` lists name deleted (and deleted from the
 `from refimpl.x import ...` lines that named it). No `dskernels`, no source notebooks, no tests, no seed, no other
 submission: the checkout itself is not there.

@@ -1,14 +1,14 @@
 """Test cases, their points, and the verdict on each: all in the grader's process, from data only.
 
-Points are kept in integer units of 1/10,000 so that totals are exact for any split: a question's points go in
-equal parts to its cases, the remainder to the last case (a 1-point question over 3 cases: 0.3333, 0.3333,
-0.3334); or, with a visible share (`grade --visible-share 0.5`), that share to the visible cases and the rest to
-the hidden ones, each part split the same way. A verdict rests on the values the sandbox sent back (compared with refimpl's answer here), on the static
-check of the submission's source and, for kernels, on the grader's own compile: never on what the submission's
-process says about itself. A hidden case's message names no input and no value: its inputs are drawn from the
-instructor's seed, and results.json is the student's to see. A question that calls earlier questions' functions
-(`Question.depends_on`) is judged with their references standing in for the learner's (`reference_answer`): a
-mistake in an earlier function costs that function's points only.
+Points are kept in integer units of 1/10,000 so that totals are exact for any split: a question's points go in equal
+parts to its cases, the remainder to the last case (a 1-point question over 3 cases: 0.3333, 0.3333, 0.3334); or,
+with a visible share (`grade --visible-share 0.5`), that share to the visible cases and the rest to the hidden ones,
+each part split the same way. A verdict rests on the values the sandbox sent back (compared with refimpl's answer
+here), on the static check of the submission's source and, for kernels, on the grader's own compile: never on what
+the submission's process says about itself. A hidden case's message names no input and no value: its inputs are
+drawn from the instructor's seed, and results.json is the student's to see. A question that calls earlier questions'
+functions (`Question.depends_on`) is judged with their references standing in for the learner's
+(`reference_answer`): a mistake in an earlier function costs that function's points only.
 """
 
 from __future__ import annotations

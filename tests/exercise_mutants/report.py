@@ -46,8 +46,9 @@ def selected() -> list[tuple[str, str, object]]:
     """(question, what is wrong, function) of each ISSUE_ANSWERS entry; raises LookupError for one missing."""
     rows = []
     for name, words in ISSUE_ANSWERS:
-        found = [(n, what, fn) for n, what, fn, _ in MUTANTS if n == name and what == words] + \
-            [(n, what, fn) for n, what, fn, _ in MUTANTS if n == name and what.startswith("mistake: ") and words in what]
+        exact = [(n, what, fn) for n, what, fn, _ in MUTANTS if n == name and what == words]
+        found = exact + [(n, what, fn) for n, what, fn, _ in MUTANTS
+                         if n == name and what.startswith("mistake: ") and words in what]
         if not found:
             raise LookupError(f"not in the mutant corpus: {name}: {words}")
         rows.append(found[0])
