@@ -285,7 +285,7 @@ def test_grading_as_an_unprivileged_user():
     rows = _rows(out)
     assert {name: float(row["score"]) for name, row in rows.items()} == \
         {"honest.ipynb": 10.0, "torch_c_nn_sdpa.ipynb": 3.0}, rows
-    print(json.loads((out / "students/honest/results.json").read_text())["output"].splitlines()[0])
+    print((out / "isolation.txt").read_text().strip())
     shutil.rmtree(folder)
 
 
