@@ -221,3 +221,14 @@ def test_dense_moe_masked_with_where_loses_the_many_experts_cases(tmp_path):
     for label, units, output in many:
         assert units == 0 and output.startswith("ran out of memory: each call may use 32 MiB more"), output
         assert "running every expert on every token (then masking or weighting" in output
+
+
+def test_visible_share_is_checked_and_split_exactly(tmp_path, capsys):
+    from exercises.__main__ import main
+    from exercises.scoring import case_units
+
+    assert case_units(4, 2, 3, 0.5) == [10_000, 10_000, 6666, 6666, 6668]
+    assert case_units(1, 2, 3) == [2000] * 5 and sum(case_units(0.7, 3, 3, 0.3)) == 7000
+    with pytest.raises(SystemExit):
+        main(["grade", "02_rope", str(tmp_path), str(tmp_path / "out"), "--seed", "1", "--visible-share", "1.5"])
+    assert "--visible-share: expected a number from 0 to 1, got 1.5" in capsys.readouterr().err

@@ -64,8 +64,8 @@ def row(name: str, what: str, fn) -> str:
     results = [hidden_units_lost(name, fn, seed) for seed in SEEDS]
     losing = [lost for lost, _ in results if lost]
     at_stake = results[0][1]
-    amount = (_points(min(losing)) if min(losing) == max(losing) else
-              f"{_points(min(losing))}-{_points(max(losing))}") if losing else "0"
+    low, high = (_points(min(losing)), _points(max(losing))) if losing else ("0", "0")
+    amount = low if low == high else f"{low}-{high}"
     return (f"| {exercise_of(name)} | `{name}` | {what.removeprefix('mistake: ')} | {visible} | "
             f"lost {amount}/{_points(at_stake)} at {len(losing)}/{len(SEEDS)} seeds |")
 
