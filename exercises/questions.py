@@ -356,12 +356,13 @@ def _in_answer_order(answer, expected) -> tuple:
 
 
 # Many experts, each wide: running every routed expert on every token needs a [tokens, moe_intermediate_size]
-# activation per expert (4096 x 8192 float32: 128 MiB), over the 32 MiB budget of a call, while running each on
-# its own tokens needs [64, 8192] per expert (2 MiB). The routing is exactly balanced (64 rows per expert): expert
-# centroids spread on a circle, each token between two neighbours, so the margin holds at every seed.
+# activation per expert (4096 x 8192 float32: 128 MiB, one fresh allocation), twice the 64 MiB budget of a call,
+# while running each on its own tokens needs [64, 8192] per expert (2 MiB; measured: at most 32 MiB in all in a
+# fresh process with 16 threads, 16 MiB with one thread as in the sandbox). The routing is exactly balanced (64
+# rows per expert): expert centroids spread on a circle, each token between two neighbours, at every seed.
 MOE_MANY = dict(hidden_size=4, n_routed_experts=128, num_experts_per_tok=2, moe_intermediate_size=8192,
                 n_shared_experts=0, n_group=1, topk_group=1)
-MOE_BUDGET_MB = 32
+MOE_BUDGET_MB = 64
 MOE_RULE = ("running each routed expert on its own tokens fits in that, while running every expert on every token "
             "(then masking or weighting the unchosen ones by 0) does not")
 
