@@ -147,7 +147,7 @@ def _stand_in(name: str, arg_names: tuple[str, ...], mutated: tuple[int, ...]):
     the grader, which answers with the reference's result (and writes the mutated arguments back here)."""
     def stand_in(*args, **kwargs):
         args = list(args)
-        for key, value in kwargs.items():
+        for key in kwargs:
             if key not in arg_names[len(args):]:
                 raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
         args += [kwargs[key] for key in arg_names[len(args):] if key in kwargs]
