@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     gr.add_argument("--cell-timeout", type=float, default=60.0, help="seconds per notebook cell")
     gr.add_argument("--call-timeout-scale", type=float, default=1.0,
                     help="multiplies each exercise's per-call limit (10 s, 60 s for kernels)")
+    gr.add_argument("--visible-share", type=float, default=None,
+                    help="share of each question's points on its visible cases, 0 to 1 (default: every case "
+                         "weighs the same)")
     args = parser.parse_args(argv)
 
     if args.command in ("release", "gradescope"):
@@ -74,7 +77,10 @@ def main(argv=None) -> int:
     started = time.monotonic()
     limits = Limits(memory_mb=args.memory_mb, cell_timeout=args.cell_timeout,
                     call_timeout_scale=args.call_timeout_scale)
-    reports = grade(args.assignment, args.submissions, args.out, args.seed, args.jobs, limits)
+    if args.visible_share is not None and not 0.0 <= args.visible_share <= 1.0:
+        parser.error(f"--visible-share: expected a number from 0 to 1, got {args.visible_share}")
+    reports = grade(args.assignment, args.submissions, args.out, args.seed, args.jobs, limits,
+                    visible_share=args.visible_share)
     print(f"graded {len(reports)} submissions in {time.monotonic() - started:.0f} s; wrote {args.out}/summary.csv, "
           "scores.csv, ids.csv and students/<id>/results.json", file=sys.stderr)
     return 0

@@ -6,7 +6,10 @@ only (tensors, numbers, strings, tuples) and compares them in its own process. T
 
 - cells: the notebook's code cells run in a real IPython shell, as IPython runs them (magics included:
   `%%time` or `%%capture` run their body and keep its definitions); a cell's error is noted and the next cell
-  runs. Then each request calls the notebook's function of that name on the grader's arguments.
+  runs. Then each request calls the notebook's function of that name on the grader's arguments, under the
+  question's memory budget where it has one (exercises.budget). Where the graded questions depend on earlier
+  ones (`Question.depends_on`), those names are stand-ins that ask the grader for the reference's result (a
+  separate sandbox from the one grading those earlier questions).
 - kernel: no notebook code runs. Each request launches the kernel source the grader checked and compiled
   (exercises.static_check, exercises.kernel_compile) through the contract's launcher (exercises.contracts),
   under Triton's interpreter.
@@ -29,6 +32,7 @@ os.dup2(_null, 1)
 import torch  # noqa: E402
 
 from exercises import wire  # noqa: E402
+from exercises.budget import memory_budget, out_of_memory  # noqa: E402
 
 
 class _Otter(types.ModuleType):
@@ -45,10 +49,11 @@ class _Otter(types.ModuleType):
 
 
 def _stand_ins() -> None:
-    """`import otter` and `from exercises.feedback import check` work, and do nothing."""
+    """`import otter` and `from exercises.feedback import check, notebook_file` work, and do nothing."""
     sys.modules["otter"] = _Otter("otter")
     feedback = types.ModuleType("exercises.feedback")
     feedback.check = lambda *args, **kwargs: None
+    feedback.notebook_file = lambda assignment, *args, **kwargs: f"{assignment}.ipynb"
     sys.modules["exercises.feedback"] = feedback
 
 
@@ -99,15 +104,83 @@ def _run_cells(cells: list[str], skip: set[int]) -> tuple[dict, list[str]]:
     return shell.user_ns, errors
 
 
+_current_args: tuple = ()  # the arguments of the call being graded (a stand-in names its modules by them)
+
+
+def _encode(value, depth: int = 0):
+    """A stand-in's argument as data for the grader: tensors, numbers, strings, None, tuples; a module handed to
+    the graded call (or one inside it, as `moe.gate`) as ("module", argument index, its name inside)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().as_subclass(torch.Tensor)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)) and depth < 3:
+        return tuple(_encode(v, depth + 1) for v in value)
+    if isinstance(value, torch.nn.Module):
+        for i, arg in enumerate(_current_args):
+            if isinstance(arg, torch.nn.Module):
+                for path, module in arg.named_modules():
+                    if module is value:
+                        return ("module", i, path)
+    raise TypeError(f"the stand-in takes tensors, numbers and the modules the graded call was handed, got a "
+                    f"{type(value).__name__}")
+
+
+def _alias(value, received: tuple, targets: tuple):
+    """The reference's result, its tensors that were views of a mutated argument (a KV cache's filled part)
+    made views of the learner's own tensors again."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_alias(v, received, targets) for v in value)
+    if isinstance(value, torch.Tensor):
+        for got, target in zip(received, targets):
+            same = (isinstance(got, torch.Tensor) and got.untyped_storage().data_ptr() ==
+                    value.untyped_storage().data_ptr() and got.is_contiguous() and target.is_contiguous()
+                    and got.shape == target.shape and got.dtype == target.dtype)
+            if same:
+                offset = target.storage_offset() + value.storage_offset() - got.storage_offset()
+                return target.as_strided(value.shape, value.stride(), offset)
+    return value
+
+
+def _stand_in(name: str, arg_names: tuple[str, ...], mutated: tuple[int, ...]):
+    """`name` as grading calls it for a question that depends on it (`Question.depends_on`): the arguments go to
+    the grader, which answers with the reference's result (and writes the mutated arguments back here)."""
+    def stand_in(*args, **kwargs):
+        args = list(args)
+        for key in kwargs:
+            if key not in arg_names[len(args):]:
+                raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+        args += [kwargs[key] for key in arg_names[len(args):] if key in kwargs]
+        if len(args) != len(arg_names):
+            raise TypeError(f"{name}() takes {len(arg_names)} arguments ({', '.join(arg_names)}), got {len(args)}")
+        wire.write(PROTO_OUT, {"event": "reference", "name": name, "args": tuple(_encode(a) for a in args)})
+        answer = wire.read(PROTO_IN, trusted=True)
+        if answer.get("error"):
+            raise RuntimeError(f"{name} (a correct one, standing in for yours in grading) {answer['error']}")
+        targets = tuple(args[i] for i in mutated)
+        for target, value in zip(targets, answer["mutated"]):
+            if isinstance(target, torch.Tensor):
+                with torch.no_grad():
+                    target.copy_(value)
+        return _alias(answer["value"], answer["mutated"], targets)
+    stand_in.__name__ = name
+    return stand_in
+
+
 def _call(fn, request: dict) -> dict:
+    """Call fn on the request's arguments, within the question's memory budget (exercises.budget) if it has one;
+    `out_of_memory` only chooses the grader's words for a failure, never a verdict."""
+    global _current_args
     args = torch.load(io.BytesIO(request["args"]), weights_only=False)  # from the grader: trusted
-    result, error, error_type = None, None, None
+    _current_args = args
+    result, error, error_type, oom = None, None, None, False
     try:
-        result = fn(*args)
+        with memory_budget(request.get("memory_mb")):
+            result = fn(*args)
     except BaseException as e:  # an answer's SystemExit or KeyboardInterrupt fails this case only
-        error, error_type = _error_text(e), _error_type(e)
+        error, error_type, oom = _error_text(e), _error_type(e), out_of_memory(e)
     return {"value": _plain(result), "mutated": tuple(_plain(args[i]) for i in request["mutated"]),
-            "error": error, "error_type": error_type}
+            "error": error, "error_type": error_type, "out_of_memory": oom}
 
 
 def _cells_function(namespace: dict, name: str):
@@ -134,6 +207,8 @@ def _serve() -> None:
     _stand_ins()
     if init["mode"] == "cells":
         namespace, errors = _run_cells(init["cells"], set(init["skip"]))
+        for name, (arg_names, mutated) in init.get("stand_ins", {}).items():
+            namespace[name] = _stand_in(name, arg_names, mutated)  # the graded functions' globals
         functions: dict = {}
     else:
         kernels, errors, functions = init["kernels"], [], {}

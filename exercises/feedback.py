@@ -7,6 +7,9 @@ reference computed with a common mistake (`Question.mistakes`), which mistake. I
 passes. otter's `grader.check(...)` cells in the student notebooks call it. Grading runs the same cases and more
 (hidden ones), elsewhere.
 
+`notebook_file("02_rope")`, in the released notebook's first cell, finds the notebook file otter reads the checks
+from, whatever it is called (a second download is `02_rope (1).ipynb`).
+
 A Triton exercise gets its inputs on the GPU when there is one and the interpreter is off (a compiled kernel
 refuses CPU tensors); its answer is brought back to the CPU, where the expected one is computed.
 """
@@ -14,19 +17,45 @@ refuses CPU tensors); its answer is brought back to the CPU, where the expected 
 from __future__ import annotations
 
 import inspect
+import json
 import os
-import re
 import sys
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from exercises import guard
+from exercises.budget import memory_budget, out_of_memory, over_budget
 from exercises.compare import describe, mismatch
 from exercises.contracts import CONTRACTS
-from exercises.questions import QUESTIONS, Question, clone
+from exercises.questions import EXERCISES, QUESTIONS, Question, clone
+
+
+def _otter_tests(path: Path) -> set[str]:
+    """The question names whose checks otter stored in the notebook's metadata (empty where it has none)."""
+    try:
+        tests = json.loads(path.read_text(encoding="utf-8"))["metadata"]["otter"]["tests"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return set(tests) if isinstance(tests, dict) else set()
+
+
+def notebook_file(assignment: str) -> str:
+    """The path of this assignment's notebook, for `otter.Notebook(...)`, which reads the checks from the
+    file's metadata: the notebook the kernel was started for (Jupyter's `JPY_SESSION_NAME`), else
+    `ASSIGNMENT.ipynb` in the working folder, else any notebook there holding this assignment's checks (a renamed
+    download such as `02_rope (1).ipynb`), names starting with the assignment's first. Raises FileNotFoundError
+    naming the folder when there is none."""
+    wanted = set(EXERCISES[assignment].questions) if assignment in EXERCISES else set()
+    session = os.environ.get("JPY_SESSION_NAME", "")
+    here = sorted(Path.cwd().glob("*.ipynb"), key=lambda p: (not p.name.startswith(assignment), p.name))
+    candidates = ([Path(session)] if session.endswith(".ipynb") else []) + [Path(f"{assignment}.ipynb")] + here
+    for path in candidates:
+        if path.is_file() and (tests := _otter_tests(path)) and tests <= wanted:
+            return str(path)
+    raise FileNotFoundError(f"no notebook of {assignment} in {Path.cwd().name}/: grader.check reads its checks "
+                            f"from the notebook file; open and save the notebook in that folder")
 
 
 def check(name: str, fn) -> None:
@@ -78,7 +107,8 @@ def mistake_hint(question: Question, args: tuple, result) -> str:
     canon = question.canonical or (lambda x: x)
     for what, wrong_reference in question.mistakes:
         try:
-            wrong = wrong_reference(*clone(args))
+            with memory_budget(question.memory_budget_mb):  # a naive mistake is refused at once on a large case
+                wrong = wrong_reference(*clone(args))
         except Exception:  # a mistake that does not apply to this case's sizes
             continue
         if mismatch(canon(result), canon(wrong), "", question.atol, question.rtol) is None:
@@ -102,68 +132,28 @@ def _learner_line(error: Exception) -> str:
 
 
 def _earlier_functions(question: Question, fn) -> str:
-    """Where `fn` calls a function of an earlier exercise (`Question.uses`) that fails its own check: say so."""
+    """Where `fn` calls a function of an earlier exercise (`Question.depends_on`) that fails its own check: say
+    so, and that grading charges it there only."""
     try:
         seen = inspect.getclosurevars(fn)
     except TypeError:  # not a Python function
         return ""
-    for name in question.uses:
+    for name in question.depends_on:
         earlier = seen.nonlocals.get(name, seen.globals.get(name))
         if not callable(earlier):
             continue
         try:
             check(name, earlier)
         except AssertionError:
-            return f"; it calls your {name}, which fails its own check: fix {name} first"
+            return (f"; it calls your {name}, which fails its own check: fix {name} first (grading judges "
+                    f"{question.name} with a correct {name} in place of yours, so this costs {name}'s points only)")
     return ""
 
 
 def _raised(question: Question, error: Exception) -> str:
-    if question.memory_budget_mb is not None and _out_of_memory(error):
-        return (f"ran out of memory: one call may use {question.memory_budget_mb} MiB more, and the way this "
-                "exercise teaches fits in that while the naive way does not (see the statement)")
+    if question.memory_budget_mb is not None and out_of_memory(error):
+        return over_budget(question.memory_budget_mb, question.memory_rule)
     return f"raised {type(error).__name__}: {error}"
-
-
-def _out_of_memory(error: Exception) -> bool:
-    return isinstance(error, MemoryError) or bool(re.search(r"alloc|out of memory", str(error), re.I))
-
-
-def _address_space() -> int | None:
-    """This process's address space in bytes (Linux: VmSize), or None where it cannot be read."""
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(r"^VmSize:\s+(\d+) kB", f.read(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) << 10 if match else None
-
-
-@contextmanager
-def memory_budget(mb: int | None):
-    """Run the block with at most `mb` MiB more address space (RLIMIT_AS, as the grading sandbox limits it);
-    an allocation beyond it raises (torch: RuntimeError, Python: MemoryError). No limit where `mb` is None,
-    where the platform has no RLIMIT_AS or /proc, or where a tighter limit is already set."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        resource = None
-    used = _address_space()
-    if mb is None or resource is None or used is None or not hasattr(resource, "RLIMIT_AS"):
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = used + (mb << 20)
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    if soft != resource.RLIM_INFINITY and soft <= limit:
-        yield
-        return
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _check_contract(name: str, fn) -> None:

@@ -9,12 +9,15 @@ process. Per submission:
    sandbox (exercises.contracts): the learner's wrapper is not involved;
 3. other questions: run the cells in a sandbox (exercises.sandbox) that holds a scaffold refimpl without the
    definitions the questions ask for (one sandbox per set of such definitions), send each case's inputs, and
-   compare what comes back with refimpl's answer here (exercises.scoring);
+   compare what comes back with refimpl's answer here (exercises.scoring); a question that calls earlier
+   questions' functions (`Question.depends_on`) runs in a sandbox of its own where those names ask the grader for
+   the reference's result, so that a mistake there is charged once, to the earlier question;
 4. write every output once all are graded (exercises.outputs).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -31,7 +34,8 @@ from exercises.contracts import CONTRACTS
 from exercises.kernel_compile import compile_kernels
 from exercises.outputs import Report, Test
 from exercises.protocol import Call, Conversation, Limits, Outcome
-from exercises.scoring import Case, build_cases, verdict
+from exercises.questions import QUESTIONS
+from exercises.scoring import Case, build_cases, reference_answer, verdict
 
 __all__ = ["Limits", "Report", "grade", "read_cells"]
 
@@ -58,10 +62,10 @@ class Grader:
     """What is shared by every submission of one run: cases, runtimes (one per scaffold), isolation, compiles."""
 
     def __init__(self, assignment: assignments.Assignment, seed: int, limits: Limits, work: Path,
-                 hide: tuple[Path, ...]):
+                 hide: tuple[Path, ...], visible_share: float | None = None):
         self.assignment, self.limits, self.hide = assignment, limits, hide
         self.isolation = sandbox.detect()
-        self.cases = build_cases(assignment, seed)
+        self.cases = build_cases(assignment, seed, visible_share)
         self.questions = [q for q, _ in assignment.questions]
         self.modules = set(sandbox.closure(assignment.exercise.may_import))
         self.runtimes: dict[frozenset[str], Path] = {}
@@ -71,6 +75,10 @@ class Grader:
                 self.runtimes[key] = sandbox.build_runtime(work / f"runtime{len(self.runtimes)}",
                                                            assignment.exercise.may_import, set(key))
         self.compiled: dict[str, str | None] = {}  # kernel source -> None (compiled) or why not
+
+    def _stand_ins(self, question) -> tuple[str, ...]:
+        """The earlier questions of this assignment that `question` may call: references stand in for them."""
+        return tuple(n for n in question.depends_on if n in {q.name for q in self.questions})
 
     def _compile(self, sources: dict[str, str]) -> dict[str, str | None]:
         todo = {q: s for q, s in sources.items() if s not in self.compiled}
@@ -82,7 +90,8 @@ class Grader:
         """Grade one submission; never raises (every failure becomes a reason in the report)."""
         report = Report(student, outputs.file_name(path))
         started = time.monotonic()
-        report.tests = [Test(f"{c.question.name} ({c.label})", c.units, c.label.split()[0]) for c in self.cases]
+        report.tests = [Test(f"{c.question.name} ({c.label})", c.units, c.label.split()[0], question=c.question.name)
+                        for c in self.cases]
         try:
             cells = read_cells(path)
         except ValueError as error:
@@ -121,19 +130,26 @@ class Grader:
                 refused[q] = f"0 points: {CONTRACTS[q].kernel} {problem}"
                 del kernels[q]
         outcomes: dict[int, Outcome] = {}
-        groups: dict[frozenset[str], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}  # (scaffold, stand-ins) -> cases: one sandbox each
         for i, case in enumerate(self.cases):
             if case.question.name in refused:
                 outcomes[i] = Outcome(failure=refused[case.question.name])
+            elif case.question.triton:
+                groups.setdefault((None, ()), []).append(i)
             else:
-                key = None if case.question.triton else _removed(case.question, self.modules)
-                groups.setdefault(key, []).append(i)
-        for key, indices in groups.items():
-            init = {"mode": "kernel", "kernels": kernels} if key is None else {"mode": "cells", "cells": cells}
+                groups.setdefault((_removed(case.question, self.modules), self._stand_ins(case.question)),
+                                  []).append(i)
+        for (key, stand_ins), indices in groups.items():
+            if key is None:
+                init = {"mode": "kernel", "kernels": kernels}
+            else:
+                init = {"mode": "cells", "cells": cells, "stand_ins": {
+                    n: (QUESTIONS[n].arg_names, QUESTIONS[n].mutated_args) for n in stand_ins}}
             runtime = self.runtimes[frozenset() if key is None else key]
             talk = Conversation(self.isolation, runtime, self.hide, self.limits, init, report.notes, deadline)
             calls = [Call(c.question.name, c.args, c.question.mutated_args,
-                          c.question.call_timeout * self.limits.call_timeout_scale)
+                          c.question.call_timeout * self.limits.call_timeout_scale, c.question.memory_budget_mb,
+                          functools.partial(reference_answer, c) if stand_ins else None)
                      for c in (self.cases[i] for i in indices)]
             outcomes.update(zip(indices, talk.run(calls)))
         for i, (case, test) in enumerate(zip(self.cases, report.tests)):
@@ -142,8 +158,9 @@ class Grader:
 
 
 def grade(assignment_name: str, submissions: Path, out_dir: Path, seed: int, jobs: int | None = None,
-          limits: Limits = Limits(), progress: bool = True) -> list[Report]:
-    """Grade every file in `submissions`; write the outputs to `out_dir`; return the reports."""
+          limits: Limits = Limits(), progress: bool = True, visible_share: float | None = None) -> list[Report]:
+    """Grade every file in `submissions`; write the outputs to `out_dir`; return the reports. `visible_share`:
+    the share of each question's points on its visible cases (default: every case weighs the same)."""
     assignment = assignments.load(assignment_name)
     torch.set_num_threads(1)
     paths = sorted(Path(submissions).iterdir())
@@ -151,7 +168,7 @@ def grade(assignment_name: str, submissions: Path, out_dir: Path, seed: int, job
     reports: list[Report | None] = [None] * len(paths)
     with tempfile.TemporaryDirectory(prefix="grade-run-") as work:
         os.chmod(work, 0o755)  # the runtimes inside are read by uid nobody
-        grader = Grader(assignment, seed, limits, Path(work), (Path(submissions), Path(out_dir)))
+        grader = Grader(assignment, seed, limits, Path(work), (Path(submissions), Path(out_dir)), visible_share)
         print(grader.isolation.description, file=sys.stderr)
 
         def run(k: int) -> None:
@@ -166,7 +183,7 @@ def grade(assignment_name: str, submissions: Path, out_dir: Path, seed: int, job
                 note = "not a plain file: expected one .ipynb notebook per student"
             reports[k] = Report(ids[k], outputs.file_name(path), notes=[note])
             reports[k].tests = [Test(f"{c.question.name} ({c.label})", c.units, c.label.split()[0],
-                                     output="not graded") for c in grader.cases]
+                                     output="not graded", question=c.question.name) for c in grader.cases]
 
         jobs = jobs or os.cpu_count() or 1
         with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(paths), desc="grading", unit="notebook",

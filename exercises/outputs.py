@@ -1,8 +1,9 @@
 """The grader's outputs, written so that no one submission can break them for the others.
 
-In OUT_DIR: `summary.csv` (one row per input file), `scores.csv` (one row per student and test case), `ids.csv`
-(each input file's name and the student id it got) and `students/<id>/results.json` (Gradescope's format; the
-file the student may see). Whatever a submission's name or text:
+In OUT_DIR: `summary.csv` (one row per input file: score, maximum, one column per question, seconds, reasons),
+`scores.csv` (one row per student and test case), `ids.csv` (each input file's name and the student id it got),
+`isolation.txt` (how the submissions were isolated) and `students/<id>/results.json` (Gradescope's format; the
+file the student may see: the grader's isolation is not in it). Whatever a submission's name or text:
 
 - student ids are unique and predictable: the file name without `.ipynb` when it is plain (letters, digits,
   `_`, `-`, `.`; not starting with `-` or `.`), else that name made plain plus `-` and 8 hex digits of the
@@ -35,6 +36,7 @@ class Test:
     visibility: str  # "visible" or "hidden" (Gradescope's names)
     units: int = 0
     output: str = ""
+    question: str = ""  # the question this case belongs to (summary.csv's per-question columns)
 
 
 @dataclass
@@ -115,8 +117,14 @@ def _reason(report: Report) -> str:
     return " | ".join(parts)
 
 
+def _per_question(report: Report, questions: list[str]) -> list[str]:
+    """The report's score on each question, in `questions`' order."""
+    return [points(sum(t.units for t in report.tests if t.question == q)) for q in questions]
+
+
 def write(out_dir: Path, reports: list[Report], isolation: str) -> None:
-    """The CSVs, the id map and each student's results.json (which names no seed and no hidden input)."""
+    """The CSVs, the id map, `isolation.txt` (how the submissions were isolated: for the instructor) and each
+    student's results.json (which names no seed, no hidden input and not the grader's isolation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "ids.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -128,17 +136,20 @@ def write(out_dir: Path, reports: list[Report], isolation: str) -> None:
         for r in reports:
             writer.writerows([cell(r.student), cell(t.name), points(t.units), points(t.max_units), cell(t.output)]
                              for t in r.tests)
+    questions = list(dict.fromkeys(t.question for r in reports for t in r.tests if t.question))
     with open(out_dir / "summary.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["student", "file", "score", "max_score", "seconds", "reason"])
-        writer.writerows([cell(r.student), cell(r.file), points(r.units), points(r.max_units),
-                          f"{r.seconds:.1f}", cell(_reason(r))] for r in reports)
+        writer.writerow(["student", "file", "score", "max_score"] + [cell(q) for q in questions] +
+                        ["seconds", "reason"])
+        writer.writerows([cell(r.student), cell(r.file), points(r.units), points(r.max_units)] +
+                         _per_question(r, questions) + [f"{r.seconds:.1f}", cell(_reason(r))] for r in reports)
+    (out_dir / "isolation.txt").write_text(safe_text(isolation) + "\n", encoding="utf-8")
     for r in reports:
         folder = out_dir / "students" / r.student
         folder.mkdir(parents=True, exist_ok=True)
         results = {"tests": [{"name": safe_text(t.name), "score": round(t.units / UNITS, 4),
                               "max_score": round(t.max_units / UNITS, 4), "output": safe_text(t.output),
                               "visibility": t.visibility} for t in r.tests],
-                   "output": safe_text("\n".join([isolation] + r.notes), 4 * MESSAGE_CAP),
+                   "output": safe_text("\n".join(r.notes), 4 * MESSAGE_CAP),
                    "execution_time": round(r.seconds, 1)}
         (folder / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=True), encoding="utf-8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from exercises import wire
 from exercises.sandbox import Isolation, Sandbox
@@ -39,6 +40,9 @@ class Call:
     args: tuple
     mutated: tuple[int, ...]
     timeout: float
+    memory_mb: int | None = None  # the question's memory budget per call (exercises.budget), if any
+    # request -> answer, for the stand-ins of the earlier questions this one depends on (exercises.scoring)
+    reference: Callable[[dict], dict] | None = None
 
 
 class Conversation:
@@ -116,7 +120,8 @@ class Conversation:
         if self.sandbox is None:
             return None
         try:
-            reply = self.sandbox.call(call.name, call.args, call.mutated, call.timeout)
+            reply = self.sandbox.call(call.name, call.args, call.mutated, call.timeout, call.memory_mb,
+                                      call.reference)
         except (wire.Timeout, wire.Closed, wire.BadMessage, OSError) as error:
             failures[call.name] = failures.get(call.name, 0) + 1
             self.close()

@@ -58,12 +58,17 @@ class Question:
     n_hidden: int = 3
     call_timeout: float = 10.0  # seconds per call when graded
     # address space (MiB) one call may add, where the exercise teaches a way that needs less memory than the
-    # naive one (MLA absorption): the check runs each call under this limit (exercises.feedback)
+    # naive one (MLA absorption, routed experts): the check and grading (visible and hidden cases) run each call
+    # under this limit (exercises.budget); memory_rule says, for the message, what fits and what does not
     memory_budget_mb: int | None = None
+    memory_rule: str = ""
     # common mistakes: (what the learner did, the reference computed with that mistake); an answer equal to one
     # of them is told which mistake it matches (exercises.feedback)
     mistakes: tuple[tuple[str, Callable[..., object]], ...] = ()
-    uses: tuple[str, ...] = ()  # functions of earlier exercises an answer may call (a failure there is named)
+    # functions of earlier exercises an answer may call: the learner's check names one that fails its own check,
+    # and grading judges this question with their references standing in for them (exercises.grade), so a
+    # mistake there costs that question's points only
+    depends_on: tuple[str, ...] = ()
 
     def cases(self, seed: int | None) -> list[tuple[str, tuple]]:
         """[(label, args)]: the visible cases when seed is None, else the hidden ones drawn from seed."""
@@ -264,11 +269,13 @@ MLA_LONG = ModelConfig(vocab_size=32, hidden_size=128, num_hidden_layers=1, num_
                        intermediate_size=32, q_lora_rank=None, kv_lora_rank=128, qk_nope_head_dim=256,
                        qk_rope_head_dim=32, v_head_dim=256, rope_interleave=True)
 MLA_BUDGET_MB = 512
+MLA_RULE = ("the absorbed way (W^UK folded into the query, W^UV applied after the weighted sum of latents) fits "
+            "in that, while decompressing the cache into per-head keys and values does not")
 
 
 def _mla_absorbed_args(gen, hidden):
     if _kind(gen, ("long", "small", "long") if hidden else ("small", "long")) == "long":
-        attn = _randomize(MultiHeadLatentAttention(MLA_LONG), gen).eval()
+        attn = _randomize(MultiHeadLatentAttention(MLA_LONG), gen).eval().requires_grad_(False)  # no graph kept
         b, s, t = 1, 1, (16384 if hidden else 4096)  # one decode step over a long cache
     else:
         attn = _mla_module(gen, hidden)
@@ -349,15 +356,47 @@ def _in_answer_order(answer, expected) -> tuple:
     return answer, (e[0].gather(1, slot), e[1].gather(1, slot))
 
 
+# Many experts, each wide: running every routed expert on every token needs a [tokens, moe_intermediate_size]
+# activation per expert (4096 x 8192 float32: 128 MiB, one fresh allocation), twice the 64 MiB budget of a call,
+# while running each on its own tokens needs [64, 8192] per expert (2 MiB; measured: at most 32 MiB in all in a
+# fresh process with 16 threads, 16 MiB with one thread as in the sandbox). The routing is exactly balanced (64
+# rows per expert): expert centroids spread on a circle, each token between two neighbours, at every seed.
+MOE_MANY = dict(hidden_size=4, n_routed_experts=128, num_experts_per_tok=2, moe_intermediate_size=8192,
+                n_shared_experts=0, n_group=1, topk_group=1)
+MOE_BUDGET_MB = 64
+MOE_RULE = ("running each routed expert on its own tokens fits in that, while running every expert on every token "
+            "(then masking or weighting the unchosen ones by 0) does not")
+
+
+def _moe_many(gen, hidden) -> tuple:
+    config = _moe_config(gen, hidden, **MOE_MANY)
+    layer = _randomize(moe.DeepSeekMoE(config), gen).eval().requires_grad_(False)  # no autograd graph kept
+    experts, tokens = config.n_routed_experts, 4096
+    slot = torch.randperm(experts, generator=gen)  # expert e sits at angle 2 pi slot[e] / experts
+    angle = 2 * torch.pi * slot.double() / experts
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        layer.gate.weight[:, 0], layer.gate.weight[:, 1] = 3000 * angle.cos(), 3000 * angle.sin()
+    # token t a quarter step past slot t % experts: its top-2 are that slot's expert and the next one
+    position = 2 * torch.pi * ((torch.randperm(tokens, generator=gen) % experts).double() + 0.25) / experts
+    x = torch.stack((position.cos(), position.sin()), -1).float()
+    x = torch.cat((x, _randn(gen, tokens, config.hidden_size - 2)), -1)  # the gate does not read the rest
+    b = _pick(gen, 1, 2) if hidden else 1
+    return layer, x.view(b, tokens // b, config.hidden_size)
+
+
 def _moe_args(gen, hidden):
-    kind = _kind(gen, ("dormant", "softmax", "dormant") if hidden else ("softmax", "dormant"))
+    kind = _kind(gen, ("dormant", "softmax", "many experts") if hidden else ("softmax", "dormant", "many experts"))
+    if kind == "many experts":
+        return _moe_many(gen, hidden)
+    shared = _pick(gen, 1, 2) if hidden else 1  # shared experts here; none in the many-experts case
     if kind == "softmax":  # V2's router
-        config = _moe_config(gen, hidden)
+        config = _moe_config(gen, hidden, n_shared_experts=shared)
         layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
     else:  # V3's router, and one expert no token is routed to, whose output overflows to inf: an answer that
         # runs every expert on every token (and weighs the unchosen ones by 0) gets NaN (0 * inf)
         config = _moe_config(gen, hidden, n_group=1, topk_group=1, scoring_func="sigmoid",
-                             topk_method="noaux_tc")
+                             topk_method="noaux_tc", n_shared_experts=shared)
         layer = _randomize(moe.DeepSeekMoE(config), gen).eval()
         dormant = int(torch.randint(config.n_routed_experts, (1,), generator=gen))
         with torch.no_grad():
@@ -969,7 +1008,7 @@ QUESTIONS = {q.name: q for q in [
              ("refimpl.attention.KVCache.update",), mutated_args=(0, 1)),
     Question("decode_step", ("q", "k_new", "v_new", "cache_k", "cache_v", "pos"), _decode_args, _decode_ref,
              ("refimpl.attention.KVCache.update",) + SDPA_EQUIVALENTS, mutated_args=(3, 4),
-             routes=ATTENTION_ROUTES, uses=("kv_cache_update", "causal_sdpa")),
+             routes=ATTENTION_ROUTES, depends_on=("kv_cache_update", "causal_sdpa")),
     Question("rope_interleaved", ("x", "cos", "sin"), _rope_args, _rope_ref, ("refimpl.rope.apply_rope",),
              routes=ROPE_ROUTES),
     Question("yarn_inv_freq", ("dim", "base", "scaling"), _yarn_freq_args, _yarn_freq_ref, YARN_FORBIDDEN,
@@ -981,7 +1020,8 @@ QUESTIONS = {q.name: q for q in [
     Question("mla_decompress", ("attn", "c_kv"), _mla_decompress_args, _mla_decompress_ref, MLA_FORBIDDEN,
              routes=ATTENTION_ROUTES),
     Question("mla_absorbed", ("attn", "q_nope", "q_pe", "c_kv", "k_pe"), _mla_absorbed_args, _mla_absorbed_ref,
-             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES, memory_budget_mb=MLA_BUDGET_MB),
+             MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES, memory_budget_mb=MLA_BUDGET_MB,
+             memory_rule=MLA_RULE),
     Question("route_topk", ("gate", "x"), _route_args, _route_ref,
              ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
              align=_in_answer_order),
@@ -989,7 +1029,9 @@ QUESTIONS = {q.name: q for q in [
              ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
              align=_in_answer_order),
     Question("moe_forward", ("moe", "hidden_states"), _moe_args, _moe_ref,
-             tuple(f"refimpl.moe.{f}" for f in ("DeepSeekMoE.forward", "dispatch", "run_experts", "combine"))),
+             tuple(f"refimpl.moe.{f}" for f in ("DeepSeekMoE.forward", "dispatch", "run_experts", "combine")),
+             depends_on=("route_topk", "route_group_limited"), n_visible=3, memory_budget_mb=MOE_BUDGET_MB,
+             memory_rule=MOE_RULE, call_timeout=60.0),
     Question("update_bias", ("bias", "load", "gamma"), _bias_args, _bias_ref, ("refimpl.moe.update_bias",),
              mutated_args=(0,), atol=1e-7, rtol=1e-6),
     Question("kv_bytes_per_token", ("config", "bytes_per_element"), _kv_bytes_args, _kv_bytes_ref,

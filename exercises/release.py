@@ -1,14 +1,14 @@
 """Write the student versions of the exercises: `python -m exercises release [NAME ...] [--out DIR]`.
 
-`otter assign` does the work (solutions replaced by the stub between `# BEGIN PROMPT` / `# END PROMPT`, hidden
-tests and outputs removed, an otter init cell and `grader.check(...)` cells added); only the student notebooks are
-kept (otter's autograder folder holds the solutions). Each test cell gets a success message saying that only
-the visible cases ran and the hidden ones run at grading. Then every released file, zip members included, is
-searched for the solutions' text in every form otter knows (`# BEGIN SOLUTION` blocks in or outside a question,
-the lines of a raw-cell solution block, a line ending in `# SOLUTION`) and for any otter marker, and the release
-fails if any survives (otter copies a solution silently when its markers are misplaced). It fails closed: the
-notebooks are written and checked in a temporary folder, and copied to `--out` only when all pass.
-"""
+`otter assign` does the work (solutions replaced by the stub between `# BEGIN PROMPT` / `# END PROMPT`, hidden tests
+and outputs removed, an otter init cell and `grader.check(...)` cells added); only the student notebooks are kept
+(otter's autograder folder holds the solutions), with an init cell that finds the notebook whatever the file is
+called (`exercises.feedback.notebook_file`: a second download is `02_rope (1).ipynb`). Each test cell gets a success
+message saying that only the visible cases ran and the hidden ones run at grading. Then every released file, zip
+members included, is searched for the solutions' text in every form otter knows (`# BEGIN SOLUTION` blocks in or
+outside a question, the lines of a raw-cell solution block, a line ending in `# SOLUTION`) and for any otter marker,
+and the release fails if any survives (otter copies a solution silently when its markers are misplaced). It fails
+closed: the notebooks are written and checked in a temporary folder, and copied to `--out` only when all pass. """
 
 from __future__ import annotations
 
@@ -111,6 +111,20 @@ def _with_success_messages(source: Path, target: Path) -> None:
     nbformat.write(notebook, target)
 
 
+def _init_cell_any_name(notebook_path: Path, target: Path) -> None:
+    """otter's init cell names the file (`otter.Notebook("02_rope.ipynb")`: a renamed download, `02_rope (1).ipynb`,
+    raises there and every check then fails with NameError); make it find the notebook whatever its name
+    (exercises.feedback.notebook_file)."""
+    notebook = nbformat.read(notebook_path, as_version=4)
+    first = notebook.cells[0]
+    otter_init = f'grader = otter.Notebook("{notebook_path.name}")'
+    if first.cell_type != "code" or otter_init not in first.source:
+        raise ReleaseError(f"{notebook_path.name}: otter's init cell ({otter_init}) is not the first cell")
+    first.source = first.source.replace(otter_init, "from exercises.feedback import notebook_file\n\n"
+                                        f'grader = otter.Notebook(notebook_file("{notebook_path.stem}"))')
+    nbformat.write(notebook, target)
+
+
 def release(names: list[str] | None = None, out_dir: Path = DEFAULT_OUT) -> list[Path]:
     """Release the named assignments (all by default) into out_dir; raise ReleaseError on any leak, leaving
     nothing in out_dir."""
@@ -129,7 +143,7 @@ def release(names: list[str] | None = None, out_dir: Path = DEFAULT_OUT) -> list
                     otter_assign(str(work / source.name), str(work / "dist"), no_pdfs=True, no_run_tests=True)
             except BaseException as error:  # otter's asserts and sys.exit too: the release stops
                 raise ReleaseError(f"otter assign failed on {source.name}: {type(error).__name__}: {error}")
-            shutil.copyfile(work / "dist" / "student" / source.name, ready / source.name)
+            _init_cell_any_name(work / "dist" / "student" / source.name, ready / source.name)
         problems = find_leaks(ready, sources)
         if problems:
             raise ReleaseError("the release leaks (nothing was written):\n" + "\n".join(problems))

@@ -1,8 +1,8 @@
 """The sandbox a submission runs in: what it can see (a runtime folder), how it is isolated, its limits.
 
 What the submission's process sees (`build_runtime`): the Python interpreter and its packages (torch, triton,
-IPython), and one runtime folder holding the grader's side of the conversation (`exercises/_child.py`,
-`wire.py`, `contracts.py`) and a scaffold `refimpl`: the modules the exercise may import (and the refimpl modules
+IPython), and one runtime folder holding the grader's side of the conversation (`exercises/_child.py`, `wire.py`,
+`contracts.py`, `budget.py`) and a scaffold `refimpl`: the modules the exercise may import (and the refimpl modules
 they import), with every definition the graded questions' `forbidden` lists name deleted (and deleted from the
 `from refimpl.x import ...` lines that named it). No `dskernels`, no source notebooks, no tests, no seed, no other
 submission: the checkout itself is not there.
@@ -47,7 +47,8 @@ NOBODY = 65534
 FILE_SIZE = 256 << 20  # bytes, the largest file the submission may write
 PROCESSES = 1024  # processes and threads of uid nobody (as root)
 TEMP_DIRS = ("/tmp", "/dev/shm", "/var/tmp")  # private and empty in the sandbox
-RUNTIME_FILES = ("_child.py", "wire.py", "contracts.py")  # the grader's code that runs inside
+MAX_REFERENCE_CALLS = 256  # calls of an earlier question's function (answered by the grader) per graded call
+RUNTIME_FILES = ("_child.py", "wire.py", "contracts.py", "budget.py")  # the grader's code that runs inside
 SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--no-new-privs",
            "--inh-caps=-all", "--bounding-set=-all"]
 
@@ -310,10 +311,20 @@ class Sandbox:
     def read(self, timeout: float):
         return wire.read(self.out, deadline=time.monotonic() + timeout)
 
-    def call(self, name: str, args: tuple, mutated: tuple[int, ...], timeout: float):
+    def call(self, name: str, args: tuple, mutated: tuple[int, ...], timeout: float, memory_mb: int | None = None,
+             reference=None):
+        """Send one call and return the reply; while the call runs, each request of a stand-in for an earlier
+        question (exercises._child) is answered with `reference(request)` (at most MAX_REFERENCE_CALLS)."""
         deadline = time.monotonic() + timeout
-        wire.write(self.into, {"name": name, "args": wire.dumps(args), "mutated": mutated}, deadline=deadline)
-        return wire.read(self.out, deadline=deadline)
+        wire.write(self.into, {"name": name, "args": wire.dumps(args), "mutated": mutated, "memory_mb": memory_mb},
+                   deadline=deadline)
+        for _ in range(MAX_REFERENCE_CALLS + 1):
+            reply = wire.read(self.out, deadline=deadline)
+            if not (isinstance(reply, dict) and reply.get("event") == "reference"):
+                return reply
+            answer = reference(reply) if reference is not None else {"error": "is not available here"}
+            wire.write(self.into, answer, deadline=deadline)
+        raise wire.BadMessage(f"over {MAX_REFERENCE_CALLS} calls to an earlier question's function in one call")
 
     def kill(self) -> None:
         """Kill the process group (and with it the PID namespace, where there is one)."""

@@ -268,7 +268,7 @@ def test_grading_as_an_unprivileged_user():
     rows = _rows(out)
     assert {name: float(row["score"]) for name, row in rows.items()} == \
         {"honest.ipynb": 10.0, "torch_c_nn_sdpa.ipynb": 3.0}, rows
-    print(json.loads((out / "students/honest/results.json").read_text())["output"].splitlines()[0])
+    print((out / "isolation.txt").read_text().strip())
     shutil.rmtree(folder)
 
 
@@ -284,7 +284,8 @@ def test_limits_alone_still_hold(tmp_path, monkeypatch):
     reports = {r.student: r for r in grade.grade("01_attention", subs, tmp_path / "out", seed=5, jobs=2,
                                                  limits=limits, progress=False)}
     assert {s: r.score for s, r in reports.items()} == {"honest": 10.0, "bomb": 6.0}
-    assert "isolation: limits (test)" in (tmp_path / "out/students/honest/results.json").read_text()
+    assert "isolation: limits (test)" in (tmp_path / "out/isolation.txt").read_text()
+    assert "isolation" not in (tmp_path / "out/students/honest/results.json").read_text()  # the instructor's
 
 
 def test_namespaces_without_bubblewrap_hide_the_files(tmp_path, monkeypatch):

@@ -28,6 +28,20 @@ def moe_forward_dense_loop(moe, hidden_states):
     return out.view(hidden_states.shape)
 
 
+def moe_forward_dense_where(moe, hidden_states):
+    """Every expert on every token, the unchosen outputs dropped with torch.where (no NaN from 0 * inf)."""
+    x = hidden_states.flatten(0, 1)
+    routing = moe.gate(x)
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(moe.experts):
+        chosen = routing.topk_idx == e  # [tokens, k]
+        weight = (routing.topk_weight * chosen).sum(-1, keepdim=True)  # [tokens, 1]
+        out = out + torch.where(chosen.any(-1, keepdim=True), expert(x) * weight, 0.0)
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x)
+    return out.view(hidden_states.shape)
+
+
 def moe_forward_no_shared(moe, hidden_states):
     x = hidden_states.flatten(0, 1)
     routing = moe.gate(x)
@@ -82,6 +96,7 @@ def route_group_limited_no_groups(gate, x):
 MUTANTS = [
     ("mla_absorbed", "the naive way (decompressed cache)", mla_absorbed_naive),
     ("moe_forward", "every expert on every token", moe_forward_dense_loop),
+    ("moe_forward", "every expert on every token, masked with torch.where", moe_forward_dense_where),
     ("moe_forward", "no shared experts", moe_forward_no_shared),
     ("update_bias", "a new tensor, not in place", update_bias_not_in_place),
     ("update_bias", "signs swapped", update_bias_inverted),

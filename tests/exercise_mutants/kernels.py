@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-RIGHT, NO_MAX, ZERO_LANES, STRIDE_BLOCK = 0, 1, 2, 3
+RIGHT, NO_MAX, ZERO_LANES, STRIDE_BLOCK, NO_COLUMN_MASK = 0, 1, 2, 3, 4
 NO_TAIL_MASK, NO_SCALE, NO_RESCALE = 1, 2, 3
 
 
@@ -20,6 +20,8 @@ def softmax_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, MUTANT: tl.const
         start = row * n_cols
     if MUTANT == 2:
         x = tl.load(x_ptr + start + cols, mask=mask, other=0.0)
+    elif MUTANT == 4:  # no column mask: the lanes past n_cols read the next row (or past the end)
+        x = tl.load(x_ptr + start + cols)
     else:
         x = tl.load(x_ptr + start + cols, mask=mask, other=float("-inf"))
     if MUTANT != 1:
@@ -87,6 +89,7 @@ MUTANTS = [
     ("softmax_rows", "no max subtracted", softmax_rows(NO_MAX)),
     ("softmax_rows", "masked lanes loaded as 0.0", softmax_rows(ZERO_LANES)),
     ("softmax_rows", "row stride BLOCK", softmax_rows(STRIDE_BLOCK)),
+    ("softmax_rows", "no column mask on the load", softmax_rows(NO_COLUMN_MASK)),
     ("mla_decode_block", "no tail mask on the scores", mla_decode_block(NO_TAIL_MASK)),
     ("mla_decode_block", "no scale", mla_decode_block(NO_SCALE)),
     ("mla_decode_block", "running sum not rescaled", mla_decode_block(NO_RESCALE)),
