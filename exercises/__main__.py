@@ -2,7 +2,7 @@
 
     python -m exercises release [NAME ...] [--out DIR]
     python -m exercises release --key [NAME ...] [--out DIR]
-    python -m exercises gradescope NAME [NAME ...] --out DIR [--seed N] [--allow-limits-only]
+    python -m exercises gradescope NAME [NAME ...] --out DIR [--seed N] [--visible-share S] [--allow-limits-only]
     python -m exercises grade ASSIGNMENT SUBMISSIONS_DIR OUT_DIR --seed N [--jobs J] [--memory-mb M] ...
 """
 
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     gs.add_argument("--seed", type=int, default=None,
                     help="draws the hidden cases (default: a random one, printed; keep it private)")
     gs.add_argument("--memory-mb", type=int, default=3072, help="address-space limit per submission's sandbox")
+    gs.add_argument("--visible-share", type=float, default=None,
+                    help="share of each question's points on its visible cases, 0 to 1 (as for grade)")
     gs.add_argument("--allow-limits-only", action="store_true",
                     help="grade even where the sandbox has limits only (the submission could read the seed)")
     gr = commands.add_parser("grade", help="grade a folder of submitted notebooks, one per student")
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
                          "weighs the same)")
     args = parser.parse_args(argv)
 
+    if getattr(args, "visible_share", None) is not None and not 0.0 <= args.visible_share <= 1.0:
+        parser.error(f"--visible-share: expected a number from 0 to 1, got {args.visible_share}")
     if args.command in ("release", "gradescope"):
         unknown = [name for name in args.names if name not in assignments.names()]
         if unknown:
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
     if args.command == "gradescope":
         from exercises.gradescope import build_bundles
         written, seed = build_bundles(args.names, args.out, args.seed, allow_limits_only=args.allow_limits_only,
-                                       memory_mb=args.memory_mb)
+                                       memory_mb=args.memory_mb, visible_share=args.visible_share)
         print("\n".join(str(p) for p in written))
         print(f"seed {seed} is in every bundle (keep it private)", file=sys.stderr)
         return 0
@@ -77,8 +81,6 @@ def main(argv=None) -> int:
     started = time.monotonic()
     limits = Limits(memory_mb=args.memory_mb, cell_timeout=args.cell_timeout,
                     call_timeout_scale=args.call_timeout_scale)
-    if args.visible_share is not None and not 0.0 <= args.visible_share <= 1.0:
-        parser.error(f"--visible-share: expected a number from 0 to 1, got {args.visible_share}")
     reports = grade(args.assignment, args.submissions, args.out, args.seed, args.jobs, limits,
                     visible_share=args.visible_share)
     print(f"graded {len(reports)} submissions in {time.monotonic() - started:.0f} s; wrote {args.out}/summary.csv, "

@@ -131,14 +131,16 @@ def _add(archive: zipfile.ZipFile, name: str, data: bytes, executable: bool = Fa
 
 
 def build_bundle(name: str, out_dir: Path, seed: int, allow_limits_only: bool = False,
-                 memory_mb: int = 3072, cell_timeout: float = 60.0, call_timeout_scale: float = 1.0) -> Path:
-    """Write `out_dir/NAME-autograder.zip` (see the module docstring); return its path.
+                 memory_mb: int = 3072, cell_timeout: float = 60.0, call_timeout_scale: float = 1.0,
+                 visible_share: float | None = None) -> Path:
+    """Write `out_dir/NAME-autograder.zip` (see the module docstring); return its path. `visible_share`: as
+    `grade --visible-share` (None: every case weighs the same).
     Raises ValueError for an unknown assignment or a constraints.txt without the pins."""
     from exercises import assignments  # torch: only where needed (run_autograder without a notebook is quick)
 
     assignments.load(name)  # a clear error for an unknown name before anything is written
     config = {"assignment": name, "seed": seed, "allow_limits_only": allow_limits_only, "memory_mb": memory_mb,
-              "cell_timeout": cell_timeout, "call_timeout_scale": call_timeout_scale}
+              "cell_timeout": cell_timeout, "call_timeout_scale": call_timeout_scale, "visible_share": visible_share}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}-autograder.zip"
     with zipfile.ZipFile(path, "w") as archive:
@@ -193,7 +195,7 @@ def _grade(config: dict, notebook: Path) -> dict:
         subs.mkdir()
         shutil.copyfile(notebook, subs / "submission.ipynb")  # a plain name: the id is "submission"
         [report] = grade.grade(config["assignment"], subs, out, int(config["seed"]), jobs=1, limits=limits,
-                               progress=False)
+                               progress=False, visible_share=config.get("visible_share"))
         results = json.loads((out / "students" / report.student / "results.json").read_text(encoding="utf-8"))
     results["score"] = round(report.units / UNITS, 4)  # exact: a sum of integer units
     return results

@@ -277,3 +277,29 @@ def test_key_fails_closed(tmp_path, monkeypatch):
     [c for c in printing.cells if c.cell_type == "code"][-1].outputs = [
         nbformat.v4.new_output("stream", name="stdout", text=torch.__file__)]
     assert [p for p in key.problems(printing, NAME) if "the machine's path" in p]  # a path of this machine
+
+
+def test_visible_share_travels_to_the_grader(tmp_path, monkeypatch, capsys):
+    """`gradescope --visible-share` is checked like grade's, stored in the bundle and passed to the grader."""
+    with pytest.raises(SystemExit):
+        main(["gradescope", NAME, "--out", str(tmp_path), "--seed", "1", "--visible-share", "-0.1"])
+    assert "--visible-share: expected a number from 0 to 1, got -0.1" in capsys.readouterr().err
+    assert main(["gradescope", NAME, "--out", str(tmp_path), "--seed", "1", "--visible-share", "0.25"]) == 0
+    with zipfile.ZipFile(tmp_path / f"{NAME}-autograder.zip") as archive:
+        config = json.loads(archive.read(gradescope.CONFIG))
+    assert config["visible_share"] == 0.25
+    from exercises import grade
+
+    seen = {}
+
+    def fake_grade(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(grade, "grade", fake_grade)
+    monkeypatch.setattr(sandbox, "detect", lambda: sandbox.Isolation("bubblewrap", "test"))
+    notebook = tmp_path / "a.ipynb"
+    notebook.write_text("{}")
+    with pytest.raises(RuntimeError, match="stop here"):
+        gradescope._grade(config, notebook)
+    assert seen["visible_share"] == 0.25
