@@ -134,4 +134,5 @@ def test_load_kernel_names_what_is_missing(tmp_path):
         challenge.load_kernel(tmp_path / "k.ipynb")
     (tmp_path / "helper_beside.py").write_text("def softmax(x):\n    return x.softmax(-1)\n")
     (tmp_path / "uses.py").write_text("from helper_beside import softmax\ndef kernel(x):\n    return softmax(x)\n")
-    assert challenge.load_kernel(tmp_path / "uses.py")(torch.zeros(1, 2, device="cpu")).tolist() == [[0.5, 0.5]]
+    kernel = challenge.load_kernel(tmp_path / "uses.py")
+    assert kernel(torch.zeros(1, 2)).tolist() == [[0.5, 0.5]]  # cpu-only: no kernel
