@@ -55,9 +55,16 @@ def _cases():
 @pytest.mark.parametrize("target, name", list(_cases()))
 def test_config_compiles_within_shared_memory(compiled, target, name):
     row = compiled[target, name]
-    assert row["shared"] <= row["limit"], row
-    if row["estimate"] is not None:
-        assert row["shared"] <= row["estimate"], f"the wrapper's estimate is below the compiled size: {row}"
+    assert row["aligned"], row  # compiled as a launch on aligned tensors: the loads pipelined
+    assert not compile_check.problems(row), row
+
+
+def test_check_refuses_an_estimate_or_limit_below_the_compiled_size(compiled):
+    # a compiled config that really keeps pipelined buffers, fed a wrong estimate, then a smaller limit
+    row = max(compiled.values(), key=lambda r: r["shared"])
+    assert row["shared"] > 0 and not compile_check.problems(row)
+    assert "above the wrapper's estimate" in compile_check.problems({**row, "estimate": row["shared"] - 1})[0]
+    assert "above the target's limit" in compile_check.problems({**row, "limit": row["shared"] - 1})[0]
 
 
 def test_every_family_target_and_dtype_is_covered():
