@@ -9,7 +9,11 @@ configuration needs against the target's limit per block (`TARGETS`). The wrappe
 from a shared-memory estimate and the budget of the GPU they run on (`dskernels._checks.shared_memory_budget`):
 `configs(target)` asks each wrapper's picker with that target's budget, so what is compiled here is what a
 GPU of that kind would launch, and `tests/test_kernels_compile.py` checks that the compiled size is within the
-limit and not above the wrapper's estimate. It needs TRITON_INTERPRET=0: under the interpreter Triton's own
+limit and not above the wrapper's estimate. Every configuration is compiled as a launch on tensors as the
+wrappers make them (`Config.aligned`): pointers 16-byte aligned and integer arguments multiples of 16, matmul's
+unit strides specialized to 1 (Triton specializes a launch on all three), so the loads become asynchronous
+copies and are pipelined over `num_stages`, with the buffers that costs; a launch on unaligned or odd-sized
+tensors has fewer of these hints, so it is pipelined no more. It needs TRITON_INTERPRET=0: under the interpreter Triton's own
 jit helpers (tl.cdiv, ...) are interpreter functions and cannot be compiled.
 
 Which configurations (each for float32, float16 and bfloat16, the dtypes the wrappers accept; no wrapper takes
@@ -230,7 +234,8 @@ def _moe(dtype, budget, arch) -> list[Config]:
     const = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, IEEE=dtype == torch.float32)
     types = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "topk_weight_ptr": "*fp32"}
     return [make_config("MoE gate/up 64x64x64", moe.gate_up_kernel, dtype, {**const, "TOP_K": 6}, types,
-                    num_stages=stages, estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, arch=arch)),
+                    num_stages=stages, estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, 2,
+                                                                           arch)),
             make_config("MoE down 64x64x64", moe.down_kernel, dtype, const, types, num_stages=stages,
                     estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, 1, arch)),
             make_config("MoE down + combine 64x64x64", moe.down_combine_kernel, dtype, {**const, "TOP_K": 6},
@@ -281,12 +286,11 @@ def problems(row: dict) -> list[str]:
 def ci_selection(target: str, family: str, dtype: torch.dtype) -> list[Config]:
     """The configurations CI compiles (one takes seconds, float32's exact-product dots up to minutes on a busy
     CPU): in float16 and bfloat16, each kernel once, in its configuration with the largest shared memory
-    estimate (the closest to the limit); in float32, the family's first configuration (the float32 path of
-    every family; the ladder steps share their tiles). `--all` (DSKERNELS_COMPILE_ALL=1 for the test)
-    compiles every configuration."""
+    estimate (the closest to the limit); in float32, the family's configuration with the largest estimate
+    (the one that binds). `--all` (DSKERNELS_COMPILE_ALL=1 for the test) compiles every configuration."""
     candidates = configs(target, family, dtype)
     if dtype == torch.float32:
-        return candidates[:1]
+        return [max(candidates, key=lambda config: config.estimate or 0)]
     largest = {}
     for config in candidates:
         kernel = config.kernel.fn
