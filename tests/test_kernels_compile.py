@@ -1,9 +1,10 @@
 """Every kernel compiles for sm_90 (H100, H200) and sm_80 (A100) on this CPU machine (`triton.compile` with a
 GPUTarget; ptxas from the triton wheel) in the configurations the wrappers pick for each target's shared
-memory, and the shared memory the compiler reports is within the target's limit per block and not above the
-wrapper's estimate (which is what the wrappers pick by). One subprocess with TRITON_INTERPRET=0 and an empty
-Triton cache compiles them all: CI's selection (`dskernels.compile_check.ci_selection`), or every
-configuration with DSKERNELS_COMPILE_ALL=1.
+memory, compiled as a launch on aligned tensors is (16-byte-aligned pointers, sizes multiples of 16: the
+loads pipelined, with their buffers), and the shared memory the compiler reports is within the target's
+limit per block and not above the wrapper's estimate (which is what the wrappers pick by). One subprocess
+per target with TRITON_INTERPRET=0 and an empty Triton cache compiles them: CI's selection
+(`dskernels.compile_check.ci_selection`), or every configuration with DSKERNELS_COMPILE_ALL=1.
 Nothing runs on a device here: the kernels are only compiled for one."""
 
 import json
