@@ -106,7 +106,10 @@ def pipeline_buffers(num_stages: int, arch: int, rows: int = 64) -> int:
     busy while the next num_stages - 1 loads land; Ampere's `mma.sync` reads registers loaded beforehand.
     wgmma works on 64-row warpgroup tiles: a dot of fewer rows (MLA decode v1-v3's 16-head blocks) is an
     `mma.sync` on sm_90 too and keeps sm_80's count (C=512, R=64, 16 x 64 bfloat16 blocks, 2 stages:
-    94,208 B on both). Later architectures (10.0, 12.0) are counted as sm_90, the larger."""
+    94,208 B on both). A float32 dot with input_precision="ieee" (the course's float32 path: fused
+    multiply-adds, no tensor cores) also keeps sm_80's count on sm_90 (matmul 64x64x64 float32, 4 stages:
+    98,304 B on both); counted as num_stages here, one buffer to spare. Later architectures (10.0, 12.0)
+    are counted as sm_90, the larger."""
     return num_stages if arch >= 90 and rows >= 64 else max(num_stages - 1, 1)
 
 
