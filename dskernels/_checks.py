@@ -2,7 +2,9 @@
 
 * Input checks every kernel's entry point runs before launching: a kernel reads raw pointers, so a wrong shape,
   dtype, stride or device gives garbage or a crash instead of an error. Each failure names the argument.
-* `shared_memory_budget(device)`: the shared memory a block may use there, for the wrappers' configurations.
+* `shared_memory_budget(device)`: the shared memory a block may use there, for the wrappers' configurations;
+  `device_arch(device)` and `pipeline_buffers(num_stages, arch)`: how many tile buffers a pipelined loop keeps
+  on that architecture, for the wrappers' shared memory estimates.
 * The output checker, `compare` / `assert_close`: a kernel's output against a float32/float64 reference, on
   both the global relative norm error and each row's maximum error, with a bound per dtype (`bounds`).
 """
@@ -78,6 +80,37 @@ def shared_memory_budget(device: torch.device | str) -> int:
     if optin:
         return int(optin)
     return SHARED_MEMORY_PER_BLOCK.get((props.major, props.minor), 48 * 1024)
+
+
+def device_arch(device: torch.device | str) -> int:
+    """The compute capability of `device` as major * 10 + minor (90: H100, H200; 80: A100); 90 under the
+    interpreter (CPU), which plans as for an H100 (`INTERPRETER_SHARED_MEMORY`)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 90
+    props = torch.cuda.get_device_properties(device)
+    return props.major * 10 + props.minor
+
+
+def pipeline_buffers(num_stages: int, arch: int, rows: int = 64) -> int:
+    """How many copies of each tile a loop's loads keep in shared memory when Triton pipelines them over
+    `num_stages` on a GPU of compute capability `arch` (major * 10 + minor), for a `tl.dot` whose result has
+    `rows` rows per program.
+
+    Measured with Triton 3.9 (`dskernels.compile_check`, launches with aligned pointers, as every launch
+    on freshly allocated tensors): on sm_90 the pipelined tiles take `num_stages` buffers (matmul v2
+    128x128x64 float16: 32 KiB per stage, 32/64/96/128 KiB at 1/2/3/4 stages; flash attention 64 x 64,
+    d=128: 32 KiB of K and V per stage, 81,920 / 114,688 B at 2 / 3 stages); on sm_80
+    max(num_stages - 1, 1) (matmul 32/32/64/96 KiB; flash attention 57,344 / 90,112 B). Hopper's
+    `wgmma.mma_async` reads its operands from shared memory while it runs, so the buffer it reads is still
+    busy while the next num_stages - 1 loads land; Ampere's `mma.sync` reads registers loaded beforehand.
+    wgmma works on 64-row warpgroup tiles: a dot of fewer rows (MLA decode v1-v3's 16-head blocks) is an
+    `mma.sync` on sm_90 too and keeps sm_80's count (C=512, R=64, 16 x 64 bfloat16 blocks, 2 stages:
+    94,208 B on both). A float32 dot with input_precision="ieee" (the course's float32 path: fused
+    multiply-adds, no tensor cores) also keeps sm_80's count on sm_90 (matmul 64x64x64 float32, 4 stages:
+    98,304 B on both); counted as num_stages here, one buffer to spare. Later architectures (10.0, 12.0)
+    are counted as sm_90, the larger."""
+    return num_stages if arch >= 90 and rows >= 64 else max(num_stages - 1, 1)
 
 
 def most_stages_that_fit(estimate, budget: int, stages: tuple, what: str) -> int:

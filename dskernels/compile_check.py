@@ -9,7 +9,11 @@ configuration needs against the target's limit per block (`TARGETS`). The wrappe
 from a shared-memory estimate and the budget of the GPU they run on (`dskernels._checks.shared_memory_budget`):
 `configs(target)` asks each wrapper's picker with that target's budget, so what is compiled here is what a
 GPU of that kind would launch, and `tests/test_kernels_compile.py` checks that the compiled size is within the
-limit and not above the wrapper's estimate. It needs TRITON_INTERPRET=0: under the interpreter Triton's own
+limit and not above the wrapper's estimate. Every configuration is compiled as a launch on tensors as the
+wrappers make them (`Config.aligned`): pointers 16-byte aligned and integer arguments multiples of 16, matmul's
+unit strides specialized to 1 (Triton specializes a launch on all three), so the loads become asynchronous
+copies and are pipelined over `num_stages`, with the buffers that costs; a launch on unaligned or odd-sized
+tensors has fewer of these hints, so it is pipelined no more. It needs TRITON_INTERPRET=0: under the interpreter Triton's own
 jit helpers (tl.cdiv, ...) are interpreter functions and cannot be compiled.
 
 Which configurations (each for float32, float16 and bfloat16, the dtypes the wrappers accept; no wrapper takes
@@ -54,6 +58,10 @@ from dskernels._checks import interpreting
 
 # shared memory per block (opt-in maximum), NVIDIA CUDA C++ Programming Guide, compute capabilities table
 TARGETS = {"sm_90": (GPUTarget("cuda", 90, 32), 232448), "sm_80": (GPUTarget("cuda", 80, 32), 166912)}
+# A row-major launch: Triton specializes every integer argument equal to 1 as a constant, so the loads
+# along the unit stride become 16-byte vectors that can be pipelined (matmul's strides; a column-major
+# operand specializes the other stride the same way)
+ROW_MAJOR = dict(stride_ak=1, stride_bn=1, stride_cn=1)
 TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,7 +76,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     estimate: int | None = None  # the wrapper's shared memory estimate, None where it keeps none
-    aligned: bool = False  # compile as for 16-byte-aligned pointers and i32 arguments multiple of 16
+    aligned: bool = True  # compile as a launch on aligned tensors: 16-byte-aligned pointers, i32 multiple of 16
 
 
 def _alignment_hints(fn: JITFunction, signature: dict) -> dict:
@@ -102,7 +110,7 @@ def make_config(name, kernel, dtype, constexprs, types=None, **options) -> Confi
                   constexprs, **options)
 
 
-def _rowwise(dtype, budget) -> list[Config]:
+def _rowwise(dtype, budget, arch) -> list[Config]:
     out = []
     for block in (1, 1024, rowwise.MAX_BLOCK):
         warps = rowwise.num_warps(block)
@@ -113,33 +121,33 @@ def _rowwise(dtype, budget) -> list[Config]:
     return out
 
 
-def _matmul(dtype, budget) -> list[Config]:
+def _matmul(dtype, budget, arch) -> list[Config]:
     out = []
     ieee = dtype == torch.float32
     for bm, bn, bk in ((64, 64, 64), (128, 128, 64)):
-        stages = mm.pick_num_stages(bm, bn, bk, dtype, budget)
-        estimate = mm.shared_memory_estimate(bm, bn, bk, dtype.itemsize, stages)
-        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee)
+        stages = mm.pick_num_stages(bm, bn, bk, dtype, budget, arch)
+        estimate = mm.shared_memory_estimate(bm, bn, bk, dtype.itemsize, stages, arch)
+        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, **ROW_MAJOR)
         out.append(make_config(f"matmul v1 {bm}x{bn}x{bk}", mm.matmul_v1_kernel, dtype, const, num_stages=stages,
                            estimate=estimate))
         out.append(make_config(f"matmul v2 {bm}x{bn}x{bk}", mm.matmul_v2_kernel, dtype, {**const, "GROUP_M": 8},
                            num_stages=stages, estimate=estimate))
-    for c in mm.fitting_configs(mm._autotune_configs(), dtype.itemsize, budget):
+    for c in mm.fitting_configs(mm._autotune_configs(), dtype.itemsize, budget, arch):
         k = c.kwargs
         estimate = mm.shared_memory_estimate(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], dtype.itemsize,
-                                             c.num_stages)
+                                             c.num_stages, arch)
         out.append(make_config(f"matmul v3 {k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']} s{c.num_stages}",
-                           mm.matmul_v2_kernel, dtype, {**k, "IEEE": ieee}, num_warps=c.num_warps,
+                           mm.matmul_v2_kernel, dtype, {**k, "IEEE": ieee, **ROW_MAJOR}, num_warps=c.num_warps,
                            num_stages=c.num_stages, estimate=estimate))
     return out
 
 
-def _flash_attention(dtype, budget) -> list[Config]:
+def _flash_attention(dtype, budget, arch) -> list[Config]:
     out = []
     for d in (64, 128, 192):
         block_d = max(16, triton.next_power_of_2(d))
         try:
-            stages = fa.pick_num_stages(64, 64, block_d, block_d, dtype, budget)
+            stages = fa.pick_num_stages(64, 64, block_d, block_d, dtype, budget, arch)
         except ValueError:  # refused by the wrapper (float32, head 192 on sm_80): not a config it launches
             continue
         const = dict(D=d, DV=d, CAUSAL=True, BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_DV=block_d,
@@ -147,11 +155,12 @@ def _flash_attention(dtype, budget) -> list[Config]:
         for step, kernel in fa.KERNELS.items():
             out.append(make_config(f"flash attention {step} d={d}", kernel, dtype, const, {"scale": "fp32"},
                                num_stages=stages,
-                               estimate=fa.shared_memory_estimate(64, 64, block_d, block_d, dtype.itemsize, stages)))
+                               estimate=fa.shared_memory_estimate(64, 64, block_d, block_d, dtype.itemsize, stages,
+                                                                 arch)))
     return out
 
 
-def _flash_attention_v4(dtype, budget) -> list[Config]:
+def _flash_attention_v4(dtype, budget, arch) -> list[Config]:
     """v4's forward in every autotune config that fits, and its backward kernels, at heads 128/128 and MLA's
     192/128 (causal)."""
     out = []
@@ -160,17 +169,17 @@ def _flash_attention_v4(dtype, budget) -> list[Config]:
     for d, dv in ((128, 128), (192, 128)):
         bd, bdv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
         base = dict(D=d, DV=dv, CAUSAL=True, BLOCK_D=bd, BLOCK_DV=bdv, IEEE=ieee)
-        for bm, bn, warps, stages in fa4.fitting_forward_configs(bd, bdv, size, budget):
+        for bm, bn, warps, stages in fa4.fitting_forward_configs(bd, bdv, size, budget, arch):
             out.append(make_config(f"flash attention v4 fwd d={d}/{dv} {bm}x{bn} w{warps} s{stages}",
                                fa4.flash_attention_v4_fwd_kernel, dtype, {**base, "BLOCK_M": bm, "BLOCK_N": bn},
                                types, num_warps=warps, num_stages=stages,
-                               estimate=fa4.forward_shared_memory(bm, bn, bd, bdv, size, stages)))
+                               estimate=fa4.forward_shared_memory(bm, bn, bd, bdv, size, stages, arch)))
         try:
-            stages = fa4.pick_backward_stages(bd, bdv, dtype, budget)
+            stages = fa4.pick_backward_stages(bd, bdv, dtype, budget, arch)
         except ValueError:  # refused by the wrapper: not a config it launches
             continue
         meta = {**base, "BLOCK_M": fa4.BWD_BLOCK_M, "BLOCK_N": fa4.BWD_BLOCK_N}
-        estimate = fa4.backward_shared_memory(fa4.BWD_BLOCK_M, fa4.BWD_BLOCK_N, bd, bdv, size, stages)
+        estimate = fa4.backward_shared_memory(fa4.BWD_BLOCK_M, fa4.BWD_BLOCK_N, bd, bdv, size, stages, arch)
         for name, kernel in (("dk/dv", fa4.flash_attention_v4_bwd_dkdv_kernel),
                              ("dq", fa4.flash_attention_v4_bwd_dq_kernel)):
             out.append(make_config(f"flash attention v4 bwd {name} d={d}/{dv}", kernel, dtype, meta, types,
@@ -181,15 +190,15 @@ def _flash_attention_v4(dtype, budget) -> list[Config]:
     return out
 
 
-def _mla_decode(dtype, budget) -> list[Config]:
+def _mla_decode(dtype, budget, arch) -> list[Config]:
     out = []
     types = {"scale": "fp32", "seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "part_out_ptr": "*fp32",
              "part_lse_ptr": "*fp32"}
     for C, R in ((64, 16), (512, 64)):
         block_h = 16
-        block_n = md.pick_block_n(C, R, block_h, dtype, budget)
-        stages = md.pick_num_stages(C, R, block_h, block_n, dtype, budget)
-        estimate = md.shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages)
+        block_n = md.pick_block_n(C, R, block_h, dtype, budget, arch)
+        stages = md.pick_num_stages(C, R, block_h, block_n, dtype, budget, arch)
+        estimate = md.shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages, arch)
         meta = dict(C=C, R=R, BLOCK_H=block_h, BLOCK_C=md.next_pow2_16(C), BLOCK_R=md.next_pow2_16(R),
                     IEEE=dtype == torch.float32)
         label = f"{C}+{R} block_n={block_n}"
@@ -202,35 +211,36 @@ def _mla_decode(dtype, budget) -> list[Config]:
                            estimate=estimate))
         out.append(make_config(f"MLA merge {C}", md.merge_splits_kernel, dtype,
                            dict(C=C, NUM_SPLITS=4, BLOCK_S=4, BLOCK_C=md.next_pow2_16(C)), types))
-        out += _mla_decode_flash(C, R, dtype, budget, types)
+        out += _mla_decode_flash(C, R, dtype, budget, arch, types)
     return out
 
 
-def _mla_decode_flash(C, R, dtype, budget, types) -> list[Config]:
+def _mla_decode_flash(C, R, dtype, budget, arch, types) -> list[Config]:
     """Step v4 (`dskernels.mla_decode_flash`): 128 heads over 64-token pages, the blocks its plan picks."""
-    block_h, block_n, stages = mf.pick_blocks(C, R, 128, 64, dtype, budget)  # 128 heads, as DeepSeek-V3
+    block_h, block_n, stages = mf.pick_blocks(C, R, 128, 64, dtype, budget, arch=arch)  # 128 heads, as V3
     meta = dict(C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n, PAGE_SIZE=64, BLOCK_C=md.next_pow2_16(C),
                 BLOCK_R=md.next_pow2_16(R), IEEE=dtype == torch.float32)
     types = {**types, **{name: "*i32" for name in ("part_start_ptr", "piece_seq_ptr", "piece_begin_ptr",
                                                     "piece_end_ptr", "seq_piece_start_ptr")}}
     return [make_config(f"MLA decode v4 {C}+{R} block_h={block_h} block_n={block_n}", mf.mla_decode_v4_kernel,
                     dtype, meta, types, num_stages=stages,
-                    estimate=md.shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages)),
+                    estimate=md.shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages, arch)),
             make_config(f"MLA merge pieces {C}", mf.merge_pieces_kernel, dtype,
                     dict(C=C, BLOCK_H=block_h, BLOCK_C=md.next_pow2_16(C)), types)]
 
 
-def _moe(dtype, budget) -> list[Config]:
-    stages = moe.pick_num_stages(64, 64, 64, dtype, budget)
+def _moe(dtype, budget, arch) -> list[Config]:
+    stages = moe.pick_num_stages(64, 64, 64, dtype, budget, arch)
     const = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, IEEE=dtype == torch.float32)
     types = {"sorted_pairs_ptr": "*i32", "block_expert_ptr": "*i32", "topk_weight_ptr": "*fp32"}
     return [make_config("MoE gate/up 64x64x64", moe.gate_up_kernel, dtype, {**const, "TOP_K": 6}, types,
-                    num_stages=stages, estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages)),
+                    num_stages=stages, estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, 2,
+                                                                           arch)),
             make_config("MoE down 64x64x64", moe.down_kernel, dtype, const, types, num_stages=stages,
-                    estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1)),
+                    estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, 1, arch)),
             make_config("MoE down + combine 64x64x64", moe.down_combine_kernel, dtype, {**const, "TOP_K": 6},
                     {**types, "out_ptr": "*fp32"}, num_stages=stages,
-                    estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, weight_tiles=1))]
+                    estimate=moe.shared_memory_estimate(64, 64, 64, dtype.itemsize, stages, 1, arch))]
 
 
 FAMILIES = {"rowwise": _rowwise, "matmul": _matmul, "flash_attention": _flash_attention,
@@ -240,7 +250,8 @@ FAMILIES = {"rowwise": _rowwise, "matmul": _matmul, "flash_attention": _flash_at
 
 def configs(target: str, family: str, dtype: torch.dtype) -> list[Config]:
     """The configurations `family`'s wrappers pick for `dtype` on a GPU of `target` ("sm_90", "sm_80")."""
-    return FAMILIES[family](dtype, TARGETS[target][1])
+    gpu, budget = TARGETS[target]
+    return FAMILIES[family](dtype, budget, gpu.arch)
 
 
 def compile_kernel(config: Config, target: str):
@@ -258,15 +269,28 @@ def compile_config(config: Config, target: str) -> int:
     return int(compile_kernel(config, target).metadata.shared)
 
 
+def problems(row: dict) -> list[str]:
+    """What is wrong with one compiled configuration (a row of `run`): its shared memory above the target's
+    limit, or above the wrapper's estimate (which the wrapper picks its stages and configs by, so a GPU
+    would be asked for more than the wrapper budgeted). Empty when it is fine."""
+    found = []
+    if row["shared"] > row["limit"]:
+        found.append(f"{row['target']} {row['name']}: {row['shared']} B of shared memory, above the "
+                     f"target's limit of {row['limit']} B per block")
+    if row["estimate"] is not None and row["shared"] > row["estimate"]:
+        found.append(f"{row['target']} {row['name']}: {row['shared']} B of shared memory, above the "
+                     f"wrapper's estimate of {row['estimate']} B")
+    return found
+
+
 def ci_selection(target: str, family: str, dtype: torch.dtype) -> list[Config]:
     """The configurations CI compiles (one takes seconds, float32's exact-product dots up to minutes on a busy
     CPU): in float16 and bfloat16, each kernel once, in its configuration with the largest shared memory
-    estimate (the closest to the limit); in float32, the family's first configuration (the float32 path of
-    every family; the ladder steps share their tiles). `--all` (DSKERNELS_COMPILE_ALL=1 for the test)
-    compiles every configuration."""
+    estimate (the closest to the limit); in float32, the family's configuration with the largest estimate
+    (the one that binds). `--all` (DSKERNELS_COMPILE_ALL=1 for the test) compiles every configuration."""
     candidates = configs(target, family, dtype)
     if dtype == torch.float32:
-        return candidates[:1]
+        return [max(candidates, key=lambda config: config.estimate or 0)]
     largest = {}
     for config in candidates:
         kernel = config.kernel.fn
@@ -289,7 +313,7 @@ def run(selection: str = "ci", targets: list[str] | None = None) -> list[dict]:
                     shared = compile_config(config, target)
                     rows.append(dict(target=target, family=family, dtype=str(dtype), name=config.name,
                                      num_warps=config.num_warps, num_stages=config.num_stages, shared=shared,
-                                     estimate=config.estimate, limit=limit,
+                                     estimate=config.estimate, limit=limit, aligned=config.aligned,
                                      seconds=round(time.perf_counter() - start, 1)))
                     print(f"{target} {config.name:45s} stages {config.num_stages} warps {config.num_warps:2d} "
                           f"shared {shared:7d} B (estimate {config.estimate}, limit {limit}) "
@@ -308,6 +332,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run("all" if args.all else "ci", args.target)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    found = [message for row in rows for message in problems(row)]
+    if found:
+        raise SystemExit("\n".join(found))
     return rows
 
 

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
+from dskernels._checks import (check_kernel_input, check_like, device_arch, most_stages_that_fit,
+                               pipeline_buffers, shared_memory_budget)
 from refimpl.attention import scaled_dot_product_attention
 
 STEPS = ("v1", "v2", "v3", "v4")
@@ -213,21 +214,28 @@ NUM_STAGES = (3, 2, 1)  # tried in this order: the first whose estimate fits the
 
 
 def shared_memory_estimate(block_m: int, block_n: int, block_d: int, block_dv: int, itemsize: int,
-                           num_stages: int) -> int:
-    """An upper estimate of a program's shared memory (bytes): max(num_stages - 1, 1) pipeline buffers of a
-    key block [block_n, block_d] and a value block [block_n, block_dv], the queries [block_m, block_d], the
-    probabilities [block_m, block_n] in float32 (layout conversion) and 1 KiB of scratch; checked against what
-    Triton reports for sm_80 and sm_90 in tests/test_kernels_compile.py."""
+                           num_stages: int, arch: int = 90) -> int:
+    """An upper estimate of a program's shared memory (bytes) on compute capability `arch` (90: H100, H200;
+    80: A100): `pipeline_buffers(num_stages, arch)` buffers (num_stages on sm_90, max(num_stages - 1, 1) on
+    sm_80) of a key block [block_n, block_d] and a value block [block_n, block_dv], the queries
+    [block_m, block_d], the probabilities [block_m, block_n] in the input dtype (cast before the product
+    with V; layout conversion) and 1 KiB of scratch. Measured with Triton 3.9, aligned launches, 64 x 64
+    blocks, bfloat16: sm_90 uses exactly the buffers and the queries (d=128 at 3 stages:
+    3 x 32 KiB + 16 KiB = 114,688 B; estimate 123,904 B), sm_80 the buffers, the queries and the
+    probabilities (d=128, 3 stages: 90,112 B; estimate 91,136 B); tests/test_kernels_compile.py checks every
+    config on both."""
     kv = block_n * (block_d + block_dv) * itemsize
-    return max(num_stages - 1, 1) * kv + block_m * block_d * itemsize + block_m * block_n * 4 + 1024
+    queries = block_m * block_d * itemsize
+    probabilities = block_m * block_n * itemsize
+    return pipeline_buffers(num_stages, arch) * kv + queries + probabilities + 1024
 
 
 def pick_num_stages(block_m: int, block_n: int, block_d: int, block_dv: int, dtype: torch.dtype,
-                    budget: int) -> int:
-    """The most pipeline stages whose `shared_memory_estimate` fits `budget`; ValueError naming the blocks
-    when even one stage does not fit."""
+                    budget: int, arch: int = 90) -> int:
+    """The most pipeline stages whose `shared_memory_estimate` on `arch` fits `budget`; ValueError naming
+    the blocks when even one stage does not fit."""
     def estimate(stages: int) -> int:
-        return shared_memory_estimate(block_m, block_n, block_d, block_dv, dtype.itemsize, stages)
+        return shared_memory_estimate(block_m, block_n, block_d, block_dv, dtype.itemsize, stages, arch)
     return most_stages_that_fit(estimate, budget, NUM_STAGES, f"block_m={block_m}, block_n={block_n}: a program "
                                 f"with head sizes up to {block_d}/{block_dv} in {dtype}")
 
@@ -270,7 +278,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         raise ValueError(f"q: {grid[0]} programs (q blocks x batch x heads) exceed CUDA's grid limit of "
                          f"{MAX_GRID_X}; use a larger block_m")
     block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(d_v))
-    stages = pick_num_stages(block_m, block_n, block_d, block_dv, q.dtype, shared_memory_budget(q.device))
+    stages = pick_num_stages(block_m, block_n, block_d, block_dv, q.dtype, shared_memory_budget(q.device),
+                             device_arch(q.device))
     KERNELS[step][grid](q, k, v, out, q_len, kv_len, scale, D=d, DV=d_v, CAUSAL=causal,
                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                         IEEE=q.dtype == torch.float32, num_stages=stages)

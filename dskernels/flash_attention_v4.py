@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import (check_kernel_input, check_like, interpreting,
+from dskernels._checks import (check_kernel_input, check_like, device_arch, interpreting, pipeline_buffers,
                                shared_memory_budget)
 from refimpl.attention import repeat_kv, scaled_dot_product_attention
 
@@ -59,38 +59,49 @@ def _pow2(d: int) -> int:
 
 
 def forward_shared_memory(block_m: int, block_n: int, block_d: int, block_dv: int, itemsize: int,
-                          num_stages: int) -> int:
-    """Upper estimate (bytes) of the forward's shared memory: max(num_stages - 1, 1) buffers of a key block
-    [block_n, block_d] and a value block [block_n, block_dv], the queries [block_m, block_d], the
-    probabilities [block_m, block_n] in float32 (layout conversion before the second dot) and 1 KiB;
-    checked against the compiler's figure for sm_80 / sm_90 by tests/test_kernels_compile.py."""
+                          num_stages: int, arch: int = 90) -> int:
+    """Upper estimate (bytes) of the forward's shared memory on compute capability `arch` (90: H100, H200;
+    80: A100): `pipeline_buffers(num_stages, arch)` buffers (num_stages on sm_90, max(num_stages - 1, 1) on
+    sm_80) of a key block [block_n, block_d] and a value block [block_n, block_dv], the queries
+    [block_m, block_d], the probabilities [block_m, block_n] in the input dtype (cast and converted before
+    the second dot) and 1 KiB. Triton 3.9, aligned launches, bfloat16, heads 128/128: 128 x 64 blocks at 3
+    stages compile to 131,072 B on sm_90 (3 x 32 KiB of K and V + 32 KiB of queries; estimate 148,480 B)
+    and 98,304 B on sm_80; 128 x 128 at 2 stages to 163,840 B on sm_90 (estimate 197,632 B); heads 192/128
+    at 128 x 128, 2 stages, to 262,144 B, above an H100's 232,448 (estimate 295,936 B: pruned). Checked
+    against the compiler for every config on sm_80 / sm_90 by tests/test_kernels_compile.py."""
     kv = block_n * (block_d + block_dv) * itemsize
-    return max(num_stages - 1, 1) * kv + block_m * block_d * itemsize + block_m * block_n * 4 + 1024
+    queries = block_m * block_d * itemsize
+    probabilities = block_m * block_n * itemsize
+    return pipeline_buffers(num_stages, arch) * kv + queries + probabilities + 1024
 
 
 def backward_shared_memory(block_m: int, block_n: int, block_d: int, block_dv: int, itemsize: int,
-                           num_stages: int) -> int:
-    """Upper estimate (bytes) of either backward kernel's shared memory: max(num_stages - 1, 1) buffers of the
-    streamed tiles (q [block_m, block_d] and dO [block_m, block_dv] for dK/dV; k and v for dQ: the larger
-    block of the two), the resident tiles (k, v or q, dO), two float32 [block_m, block_n] matrices (P and dS
-    in layout conversion) and 1 KiB."""
+                           num_stages: int, arch: int = 90) -> int:
+    """Upper estimate (bytes) of either backward kernel's shared memory on compute capability `arch`:
+    `pipeline_buffers(num_stages, arch)` buffers (num_stages on sm_90, max(num_stages - 1, 1) on sm_80) of
+    the streamed tiles (q [block_m, block_d] and dO [block_m, block_dv] for dK/dV; k and v for dQ: the
+    larger block of the two), the resident tiles (k, v or q, dO), two float32 [block_m, block_n] matrices
+    (P and dS in layout conversion) and 1 KiB. Checked against the compiler (Triton 3.9, aligned launches)
+    for sm_80 / sm_90 by tests/test_kernels_compile.py."""
     rows = max(block_m, block_n)
     streamed = rows * (block_d + block_dv) * itemsize
-    return (max(num_stages - 1, 1) + 1) * streamed + 2 * block_m * block_n * 4 + 1024
+    return (pipeline_buffers(num_stages, arch) + 1) * streamed + 2 * block_m * block_n * 4 + 1024
 
 
-def fitting_forward_configs(block_d: int, block_dv: int, itemsize: int, budget: int) -> list[tuple]:
-    """The FORWARD_CONFIGS whose `forward_shared_memory` fits `budget` bytes."""
+def fitting_forward_configs(block_d: int, block_dv: int, itemsize: int, budget: int,
+                            arch: int = 90) -> list[tuple]:
+    """The FORWARD_CONFIGS whose `forward_shared_memory` on `arch` fits `budget` bytes."""
     return [c for c in FORWARD_CONFIGS
-            if forward_shared_memory(c[0], c[1], block_d, block_dv, itemsize, c[3]) <= budget]
+            if forward_shared_memory(c[0], c[1], block_d, block_dv, itemsize, c[3], arch) <= budget]
 
 
-def pick_backward_stages(block_d: int, block_dv: int, dtype: torch.dtype, budget: int) -> int:
-    """The most pipeline stages (of BWD_NUM_STAGES) whose `backward_shared_memory` fits `budget`; ValueError
-    naming the head sizes when none does."""
+def pick_backward_stages(block_d: int, block_dv: int, dtype: torch.dtype, budget: int,
+                         arch: int = 90) -> int:
+    """The most pipeline stages (of BWD_NUM_STAGES) whose `backward_shared_memory` on `arch` fits `budget`;
+    ValueError naming the head sizes when none does."""
     for stages in BWD_NUM_STAGES:
         if backward_shared_memory(BWD_BLOCK_M, BWD_BLOCK_N, block_d, block_dv, dtype.itemsize,
-                                  stages) <= budget:
+                                  stages, arch) <= budget:
             return stages
     raise ValueError(f"q/v: head sizes padded to {block_d}/{block_dv} in {dtype} need more than this GPU's "
                      f"{budget} B of shared memory per block in the backward kernels")
@@ -181,10 +192,10 @@ def flash_attention_v4_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_len, kv
 def _prune_forward(configs, named_args, **kwargs):
     """Keep the configs whose shared memory fits this GPU (the first one only under the interpreter)."""
     q = named_args["q_ptr"]
-    budget = shared_memory_budget(q.device)
+    budget, arch = shared_memory_budget(q.device), device_arch(q.device)
     fitting = [c for c in configs
                if forward_shared_memory(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], kwargs["BLOCK_D"],
-                                        kwargs["BLOCK_DV"], q.element_size(), c.num_stages) <= budget]
+                                        kwargs["BLOCK_DV"], q.element_size(), c.num_stages, arch) <= budget]
     if not fitting:
         raise ValueError(f"flash attention v4: no config fits this GPU's {budget} B of shared memory per "
                          f"block for heads {kwargs['D']}/{kwargs['DV']} in {q.dtype}")
@@ -389,7 +400,8 @@ def flash_attention_backward(q, k, v, out, lse, grad_out, causal: bool, scale: f
     rows_total = batch * heads * q_len
     flash_attention_v4_bwd_preprocess_kernel[(triton.cdiv(rows_total, 64),)](
         out, grad_out, delta, rows_total, DV=d_v, BLOCK_M=64, BLOCK_DV=block_dv)
-    stages = pick_backward_stages(block_d, block_dv, q.dtype, shared_memory_budget(q.device))
+    stages = pick_backward_stages(block_d, block_dv, q.dtype, shared_memory_budget(q.device),
+                                  device_arch(q.device))
     meta = dict(D=d, DV=d_v, CAUSAL=causal, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, BLOCK_D=block_d,
                 BLOCK_DV=block_dv, IEEE=q.dtype == torch.float32, num_warps=BWD_WARPS, num_stages=stages)
     group = heads // kv_heads

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import (check_kernel_input, check_like, interpreting, most_stages_that_fit,
-                               shared_memory_budget)
+from dskernels._checks import (check_kernel_input, check_like, device_arch, interpreting, most_stages_that_fit,
+                               pipeline_buffers, shared_memory_budget)
 
 STEPS = ("v1", "v2", "v3")
 
@@ -100,36 +100,41 @@ def _autotune_configs():
     return configs
 
 
-def shared_memory_estimate(block_m: int, block_n: int, block_k: int, itemsize: int, num_stages: int) -> int:
-    """An upper estimate of a program's shared memory (bytes): max(num_stages - 1, 1) pipeline buffers of an
-    A tile [block_m, block_k] and a B tile [block_k, block_n] (what Triton reports for sm_80 and sm_90; checked
-    in tests/test_kernels_compile.py)."""
-    return max(num_stages - 1, 1) * (block_m * block_k + block_k * block_n) * itemsize
+def shared_memory_estimate(block_m: int, block_n: int, block_k: int, itemsize: int, num_stages: int,
+                           arch: int = 90) -> int:
+    """An upper estimate of a program's shared memory (bytes) on compute capability `arch` (90: H100, H200;
+    80: A100): `pipeline_buffers(num_stages, arch)` buffers of an A tile [block_m, block_k] and a B tile
+    [block_k, block_n], num_stages on sm_90, max(num_stages - 1, 1) on sm_80. This is exactly what Triton 3.9
+    reports for aligned row-major launches (v2, 128x128x64 float16, 8 warps: 32/64/96/128 KiB at 1-4 stages
+    on sm_90, 32/32/64/96 KiB on sm_80; tests/test_kernels_compile.py checks every config on both)."""
+    return pipeline_buffers(num_stages, arch) * (block_m * block_k + block_k * block_n) * itemsize
 
 
 NUM_STAGES = (4, 3, 2, 1)  # steps v1, v2: the first that fits the shared memory budget
 
 
-def pick_num_stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, budget: int) -> int:
-    """The most pipeline stages whose `shared_memory_estimate` fits `budget`; ValueError naming the blocks
-    when even one stage does not fit."""
+def pick_num_stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, budget: int,
+                    arch: int = 90) -> int:
+    """The most pipeline stages whose `shared_memory_estimate` on `arch` fits `budget`; ValueError naming the
+    blocks when even one stage does not fit."""
     def estimate(stages: int) -> int:
-        return shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages)
+        return shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages, arch)
     return most_stages_that_fit(estimate, budget, NUM_STAGES,
                                 f"block_m={block_m}, block_n={block_n}, block_k={block_k}: a {dtype} tile")
 
 
-def fitting_configs(configs, itemsize: int, budget: int) -> list:
-    """The autotune configs whose `shared_memory_estimate` fits `budget` bytes."""
+def fitting_configs(configs, itemsize: int, budget: int, arch: int = 90) -> list:
+    """The autotune configs whose `shared_memory_estimate` on `arch` fits `budget` bytes."""
     return [c for c in configs if shared_memory_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                                         c.kwargs["BLOCK_K"], itemsize, c.num_stages) <= budget]
+                                                         c.kwargs["BLOCK_K"], itemsize, c.num_stages,
+                                                         arch) <= budget]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """Autotune only the configs that fit this GPU's shared memory (all of them would be tried, and the
     ones over the limit fail); the interpreter cannot time kernels: keep the first fitting one there."""
     a = named_args["a_ptr"]
-    fitting = fitting_configs(configs, a.element_size(), shared_memory_budget(a.device))
+    fitting = fitting_configs(configs, a.element_size(), shared_memory_budget(a.device), device_arch(a.device))
     if not fitting:
         raise ValueError(f"matmul v3: no autotune config fits this GPU's {shared_memory_budget(a.device)} B of "
                          f"shared memory per block in {a.dtype}; use step v2 with smaller blocks")
@@ -170,7 +175,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, step: str = "v3", block_m: int = 64
         matmul_v3_kernel[grid](*args, IEEE=ieee)
         return c
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    stages = pick_num_stages(block_m, block_n, block_k, a.dtype, shared_memory_budget(a.device))
+    stages = pick_num_stages(block_m, block_n, block_k, a.dtype, shared_memory_budget(a.device),
+                             device_arch(a.device))
     if step == "v1":
         matmul_v1_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee,
                                num_stages=stages)

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
+from dskernels._checks import (check_kernel_input, check_like, device_arch, most_stages_that_fit,
+                               pipeline_buffers, shared_memory_budget)
 from refimpl.attention import scaled_dot_product_attention
 from refimpl.checks import check_int, check_shape
 
@@ -244,15 +245,22 @@ def _check_sizes(num_splits: int, block_h: int, block_n: int) -> None:
             raise ValueError(f"{name}: expected a power of two >= 16 (tl.dot's minimum on a GPU), got {size}")
 
 
-def shared_memory_estimate(C: int, R: int, block_h: int, block_n: int, itemsize: int, num_stages: int) -> int:
-    """An upper estimate of the shared memory (bytes) a decode program needs: max(num_stages - 1, 1) pipeline
-    buffers of a cache block [block_n, C + R], the queries [block_h, C + R], the probabilities
-    [block_h, block_n] in float32 (while their layout is converted) and 1 KiB of scratch. Fitted to what
-    Triton 3.9 reports for sm_90 (e.g. 188,480 B for C=512, R=64, 16 x 64 blocks, float32, 2 stages; this
-    estimate: 189,440); tests/test_kernels_compile.py checks it is never below the compiled size."""
+def shared_memory_estimate(C: int, R: int, block_h: int, block_n: int, itemsize: int, num_stages: int,
+                           arch: int = 90) -> int:
+    """An upper estimate of the shared memory (bytes) a decode program needs on compute capability `arch`
+    (90: H100, H200; 80: A100): `pipeline_buffers(num_stages, arch, block_h)` buffers (num_stages on sm_90
+    with block_h >= 64, else max(num_stages - 1, 1)) of a cache block [block_n, C + R], the queries
+    [block_h, C + R], the probabilities [block_h, block_n] in the input dtype (cast before the product with
+    the values; their layout is converted) and 1 KiB of scratch. Triton 3.9, aligned launches, C=512, R=64,
+    bfloat16: 16 x 64 blocks at 2 stages compile to 94,208 B on sm_90 and sm_80 (estimate 95,232 B); v4's
+    64 x 64 blocks at 2 stages to 221,184 B on sm_90 (2 x 72 KiB of cache + 72 KiB of queries; estimate
+    230,400 B) and 155,648 B on sm_80 (estimate 156,672 B). tests/test_kernels_compile.py checks, for every
+    config on sm_80 and sm_90, that it is never below the compiled size."""
     width = next_pow2_16(C) + next_pow2_16(R)
     block = block_n * width * itemsize
-    return max(num_stages - 1, 1) * block + block_h * width * itemsize + block_h * block_n * 4 + 1024
+    queries = block_h * width * itemsize
+    probabilities = block_h * block_n * itemsize
+    return pipeline_buffers(num_stages, arch, block_h) * block + queries + probabilities + 1024
 
 
 def next_pow2_16(n: int) -> int:
@@ -264,20 +272,21 @@ NUM_STAGES = (3, 2, 1)  # tried in this order: the first whose estimate fits the
 BLOCK_N = (64, 32, 16)  # cache blocks tried when block_n is not given: the first that fits in one stage
 
 
-def pick_block_n(C: int, R: int, block_h: int, dtype: torch.dtype, budget: int) -> int:
+def pick_block_n(C: int, R: int, block_h: int, dtype: torch.dtype, budget: int, arch: int = 90) -> int:
     """The largest cache block (64, 32, 16 tokens) whose one-stage estimate fits `budget` (64 on an H100 or
     H200 in every dtype; 32 for float32 with a 512 latent on an A100); ValueError when none does."""
     for block_n in BLOCK_N:
-        if shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, 1) <= budget:
+        if shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, 1, arch) <= budget:
             return block_n
-    return pick_num_stages(C, R, block_h, BLOCK_N[-1], dtype, budget)  # raises, naming the sizes
+    return pick_num_stages(C, R, block_h, BLOCK_N[-1], dtype, budget, arch)  # raises, naming the sizes
 
 
-def pick_num_stages(C: int, R: int, block_h: int, block_n: int, dtype: torch.dtype, budget: int) -> int:
-    """The most pipeline stages (3, 2, 1) whose `shared_memory_estimate` fits `budget` bytes; ValueError
-    naming the sizes when even one stage does not fit (use a smaller block_n / block_h)."""
+def pick_num_stages(C: int, R: int, block_h: int, block_n: int, dtype: torch.dtype, budget: int,
+                    arch: int = 90) -> int:
+    """The most pipeline stages (3, 2, 1) whose `shared_memory_estimate` on `arch` fits `budget` bytes;
+    ValueError naming the sizes when even one stage does not fit (use a smaller block_n / block_h)."""
     def estimate(stages: int) -> int:
-        return shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages)
+        return shared_memory_estimate(C, R, block_h, block_n, dtype.itemsize, stages, arch)
     return most_stages_that_fit(estimate, budget, NUM_STAGES, f"block_n={block_n}, block_h={block_h}: a decode "
                                 f"program over a {C}+{R} latent cache in {dtype}")
 
@@ -326,12 +335,12 @@ def plan_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, 
         check_like("c_kv", c_kv, q_latent, "q_latent", (batch, None, C))
         check_like("k_pe", k_pe, q_latent, "q_latent", (batch, c_kv.shape[1], R))
         _check_queries_and_lengths(q_latent, q_pe, seq_lens, c_kv.shape[1])
-    budget = shared_memory_budget(q_latent.device)
+    budget, arch = shared_memory_budget(q_latent.device), device_arch(q_latent.device)
     if block_n is None:
         _check_sizes(num_splits, block_h, 16)
-        block_n = pick_block_n(C, R, block_h, q_latent.dtype, budget)
+        block_n = pick_block_n(C, R, block_h, q_latent.dtype, budget, arch)
     _check_sizes(num_splits, block_h, block_n)
-    stages = pick_num_stages(C, R, block_h, block_n, q_latent.dtype, budget)
+    stages = pick_num_stages(C, R, block_h, block_n, q_latent.dtype, budget, arch)
     return DecodePlan(step, tuple(q_latent.shape), tuple(q_pe.shape), tuple(c_kv.shape), tuple(k_pe.shape),
                       table_shape, q_latent.dtype, num_splits if step != "v1" else 1, block_h, block_n, stages)
 

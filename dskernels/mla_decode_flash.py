@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from dskernels import mla_decode as md
-from dskernels._checks import shared_memory_budget
+from dskernels._checks import device_arch, shared_memory_budget
 from refimpl.checks import check_int
 
 MAX_BLOCK_H = 64  # FlashMLA's tile of query heads (BLOCK_SIZE_M = 64)
@@ -188,7 +188,7 @@ class FlashDecodePlan:
 
 
 def pick_blocks(C: int, R: int, heads: int, page_size: int, dtype: torch.dtype, budget: int,
-                block_h: int | None = None) -> tuple[int, int, int]:
+                block_h: int | None = None, arch: int = 90) -> tuple[int, int, int]:
     """(block_h, block_n, num_stages) for `budget` bytes of shared memory: block_h as given, else the
     largest of min(64, heads rounded up to a power of two >= 16), then halves down to 16, whose program
     fits (64 on an H100 or H200; float32 over a 512 + 64 latent on an A100: 32); block_n the largest of
@@ -198,8 +198,8 @@ def pick_blocks(C: int, R: int, heads: int, page_size: int, dtype: torch.dtype, 
     candidates = [block_h] if block_h else [b for b in (MAX_BLOCK_H, 32, 16) if b <= widest]
     for i, size in enumerate(candidates):
         try:
-            block_n = min(md.pick_block_n(C, R, size, dtype, budget), page_size)
-            return size, block_n, md.pick_num_stages(C, R, size, block_n, dtype, budget)
+            block_n = min(md.pick_block_n(C, R, size, dtype, budget, arch), page_size)
+            return size, block_n, md.pick_num_stages(C, R, size, block_n, dtype, budget, arch)
         except ValueError:
             if i == len(candidates) - 1:
                 raise
@@ -226,7 +226,8 @@ def plan_flash_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, c_kv_pages: to
     if block_h is not None:
         md._check_sizes(1, block_h, 16)
     budget = shared_memory_budget(q_latent.device)
-    block_h, block_n, stages = pick_blocks(C, R, heads, page_size, q_latent.dtype, budget, block_h)
+    block_h, block_n, stages = pick_blocks(C, R, heads, page_size, q_latent.dtype, budget, block_h,
+                                           device_arch(q_latent.device))
     head_blocks = triton.cdiv(heads, block_h)
     if num_parts is None:
         num_parts = default_num_parts(q_latent.device, head_blocks)

@@ -39,7 +39,8 @@ import triton.language as tl
 from torch import nn
 
 from dskernels import matmul as tiled_matmul
-from dskernels._checks import check_kernel_input, check_like, most_stages_that_fit, shared_memory_budget
+from dskernels._checks import (check_kernel_input, check_like, device_arch, most_stages_that_fit,
+                               pipeline_buffers, shared_memory_budget)
 from refimpl.checks import check_int
 from refimpl.moe import MLP, combine, dispatch, run_experts
 
@@ -140,22 +141,25 @@ def stack_expert_weights(experts) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def shared_memory_estimate(block_m: int, block_n: int, block_k: int, itemsize: int, num_stages: int,
-                           weight_tiles: int = 2) -> int:
-    """An upper estimate of a grouped-GEMM program's shared memory (bytes): max(num_stages - 1, 1) pipeline
-    buffers of one x tile [block_m, block_k] and `weight_tiles` weight tiles [block_k, block_n] (2 in gate/up,
-    1 in down), as Triton reports for sm_80 and sm_90 (tests/test_kernels_compile.py checks it is not below)."""
+                           weight_tiles: int = 2, arch: int = 90) -> int:
+    """An upper estimate of a grouped-GEMM program's shared memory (bytes) on compute capability `arch`
+    (90: H100, H200; 80: A100): `pipeline_buffers(num_stages, arch)` buffers (num_stages on sm_90,
+    max(num_stages - 1, 1) on sm_80) of one x tile [block_m, block_k] and `weight_tiles` weight tiles
+    [block_k, block_n] (2 in gate/up, 1 in down). tests/test_kernels_compile.py checks, for every config on
+    sm_80 and sm_90 (Triton 3.9, aligned launches), that it is not below the compiled size."""
     per_stage = (block_m * block_k + weight_tiles * block_k * block_n) * itemsize
-    return max(num_stages - 1, 1) * per_stage
+    return pipeline_buffers(num_stages, arch) * per_stage
 
 
 NUM_STAGES = (4, 3, 2, 1)  # tried in this order: the first whose estimate fits the shared memory budget
 
 
-def pick_num_stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, budget: int) -> int:
-    """The most pipeline stages whose gate/up `shared_memory_estimate` fits `budget`; ValueError naming the
-    blocks when even one stage does not fit."""
+def pick_num_stages(block_m: int, block_n: int, block_k: int, dtype: torch.dtype, budget: int,
+                    arch: int = 90) -> int:
+    """The most pipeline stages whose gate/up `shared_memory_estimate` on `arch` fits `budget`; ValueError
+    naming the blocks when even one stage does not fit."""
     def estimate(stages: int) -> int:
-        return shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages)
+        return shared_memory_estimate(block_m, block_n, block_k, dtype.itemsize, stages, arch=arch)
     return most_stages_that_fit(estimate, budget, NUM_STAGES,
                                 f"block_m={block_m}, block_n={block_n}, block_k={block_k}: the grouped GEMM in {dtype}")
 
@@ -200,7 +204,8 @@ def plan_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Ten
             raise ValueError(f"{name}: expected a power of two >= 16 (tl.dot's minimum on a GPU), got {size}")
     if step == "v3":  # decode regime: blocks no taller than an expert's expected rows
         block_m = decode_block_m(T * topk_idx.shape[1], E, block_m)
-    stages = pick_num_stages(block_m, block_n, block_k, x.dtype, shared_memory_budget(x.device))
+    stages = pick_num_stages(block_m, block_n, block_k, x.dtype, shared_memory_budget(x.device),
+                             device_arch(x.device))
     shapes = tuple(tuple(t.shape) for t in (x, topk_idx, topk_weight, w_gate, w_up, w_down))
     if step == "v1" or T == 0:
         return ExpertsPlan(step, shapes, x.dtype, block_m, block_n, block_k, stages, None, None, None)

@@ -1,9 +1,10 @@
 """Every kernel compiles for sm_90 (H100, H200) and sm_80 (A100) on this CPU machine (`triton.compile` with a
 GPUTarget; ptxas from the triton wheel) in the configurations the wrappers pick for each target's shared
-memory, and the shared memory the compiler reports is within the target's limit per block and not above the
-wrapper's estimate (which is what the wrappers pick by). One subprocess with TRITON_INTERPRET=0 and an empty
-Triton cache compiles them all: CI's selection (`dskernels.compile_check.ci_selection`), or every
-configuration with DSKERNELS_COMPILE_ALL=1.
+memory, compiled as a launch on aligned tensors is (16-byte-aligned pointers, sizes multiples of 16: the
+loads pipelined, with their buffers), and the shared memory the compiler reports is within the target's
+limit per block and not above the wrapper's estimate (which is what the wrappers pick by). One subprocess
+per target with TRITON_INTERPRET=0 and an empty Triton cache compiles them: CI's selection
+(`dskernels.compile_check.ci_selection`), or every configuration with DSKERNELS_COMPILE_ALL=1.
 Nothing runs on a device here: the kernels are only compiled for one."""
 
 import json
@@ -55,9 +56,16 @@ def _cases():
 @pytest.mark.parametrize("target, name", list(_cases()))
 def test_config_compiles_within_shared_memory(compiled, target, name):
     row = compiled[target, name]
-    assert row["shared"] <= row["limit"], row
-    if row["estimate"] is not None:
-        assert row["shared"] <= row["estimate"], f"the wrapper's estimate is below the compiled size: {row}"
+    assert row["aligned"], row  # compiled as a launch on aligned tensors: the loads pipelined
+    assert not compile_check.problems(row), row
+
+
+def test_check_refuses_an_estimate_or_limit_below_the_compiled_size(compiled):
+    # a compiled config that really keeps pipelined buffers, fed a wrong estimate, then a smaller limit
+    row = max(compiled.values(), key=lambda r: r["shared"])
+    assert row["shared"] > 0 and not compile_check.problems(row)
+    assert "above the wrapper's estimate" in compile_check.problems({**row, "estimate": row["shared"] - 1})[0]
+    assert "above the target's limit" in compile_check.problems({**row, "limit": row["shared"] - 1})[0]
 
 
 def test_every_family_target_and_dtype_is_covered():

@@ -89,8 +89,8 @@ def test_shared_memory_budget_picks_the_cache_block():
     # float32 over DeepSeek-V3's 512 + 64 latent: a 64-token block fits an H100's 232,448 B per block, not an
     # A100's 166,912 B (estimate 189,440 B), so there the wrapper takes 32; a 48 KiB budget refuses by name
     assert md.pick_block_n(512, 64, 16, torch.float32, 232448) == 64
-    assert md.pick_block_n(512, 64, 16, torch.float32, 166912) == 32
-    assert md.pick_block_n(512, 64, 16, torch.bfloat16, 166912) == 64
+    assert md.pick_block_n(512, 64, 16, torch.float32, 166912, arch=80) == 32
+    assert md.pick_block_n(512, 64, 16, torch.bfloat16, 166912, arch=80) == 64
     with pytest.raises(ValueError, match="block_n=16, block_h=64: .* more than this GPU's 49152 B"):
         md.pick_block_n(512, 64, 64, torch.float32, 49152)
 
