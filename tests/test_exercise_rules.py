@@ -115,7 +115,8 @@ def test_notebook_file_prefers_the_session_then_the_name(tmp_path, monkeypatch):
 
 def test_outputs_per_question_visible_share_and_no_isolation_for_students(tmp_path):
     """A renamed download grades as 02_rope; summary.csv has a column per question; `visible_share` puts that
-    share of a question's points on its visible cases, exactly; results.json does not show the isolation."""
+    share of a question's points on its visible cases, exactly; results.json has the exact total and does not show
+    the isolation."""
     subs = tmp_path / "subs"
     _submission("01_attention", {}, subs, "01_attention (1).ipynb")
     _submission("01_attention", {"causal_sdpa": "def causal_sdpa(q, k, v):\n    return q"}, subs, "wrong.ipynb")
@@ -132,7 +133,7 @@ def test_outputs_per_question_visible_share_and_no_isolation_for_students(tmp_pa
     assert sum(visible) == 20_000 and sum(hidden) == 20_000 and len(visible) == 2, (visible, hidden)
     results = json.loads((tmp_path / "out/students/wrong/results.json").read_text())
     assert "isolation" not in results["output"], results["output"]
-    assert round(sum(t["score"] for t in results["tests"]), 4) == 6.0
+    assert round(sum(t["score"] for t in results["tests"]), 4) == 6.0 and results["score"] == 6.0
     assert (tmp_path / "out/isolation.txt").read_text().startswith("isolation: ")
 
 
