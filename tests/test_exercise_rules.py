@@ -233,3 +233,17 @@ def test_visible_share_is_checked_and_split_exactly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["grade", "02_rope", str(tmp_path), str(tmp_path / "out"), "--seed", "1", "--visible-share", "1.5"])
     assert "--visible-share: expected a number from 0 to 1, got 1.5" in capsys.readouterr().err
+
+
+def test_grading_names_the_mistake_of_a_visible_case_only():
+    """A visible case's wrong answer that equals a common mistake is told which, as in the notebook's check; a
+    hidden case's message stays input-free."""
+    from exercises.protocol import Outcome
+    from exercises.questions import clone
+    from exercises.scoring import build_cases, verdict
+    cases = build_cases(assignments.load("02_rope"), seed=0)
+    what, half_split = QUESTIONS["rope_interleaved"].mistakes[0]
+    wrong = [(c, half_split(*clone(c.args))) for c in cases]
+    for case, value in (wrong[0], next(w for w in wrong if w[0].hidden and not w[1].allclose(w[0].expected))):
+        passed, message = verdict(case, Outcome({"value": value}))
+        assert not passed and (what in message) != case.hidden, message
