@@ -93,7 +93,7 @@ class Conversation:
                 what = {wire.Timeout: f"ran longer than {self.limits.cell_timeout:.0f} s",
                         wire.Closed: "ended the process (exit, crash or memory limit)"}.get(
                     type(error), "sent an unreadable message")
-                self._note(f"cell {current + 1} {what}: skipped, the other cells ran without it")
+                self._note(f"code cell {current + 1} {what}: skipped, the other cells ran without it")
                 self.init["skip"] = self.init["skip"] + [current]
             return False
 

@@ -247,3 +247,11 @@ def test_grading_names_the_mistake_of_a_visible_case_only():
     for case, value in (wrong[0], next(w for w in wrong if w[0].hidden and not w[1].allclose(w[0].expected))):
         passed, message = verdict(case, Outcome({"value": value}))
         assert not passed and (what in message) != case.hidden, message
+
+
+def test_static_check_counts_code_cells_and_says_so():
+    """A learner in JupyterLab sees markdown cells too: 'code cell 2' is the second code cell."""
+    from exercises import static_check
+    findings = static_check.check_cells(["x = 1", "import json"], [QUESTIONS["update_bias"]], ("refimpl.moe",))
+    assert findings.everything == ["code cell 2, line 1: imports json, which graded answers may not import"], \
+        findings.everything
