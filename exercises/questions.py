@@ -757,6 +757,11 @@ def _bias_moves_mean(bias, load, gamma):
     return bias
 
 
+def _bias_reversed(bias, load, gamma):
+    bias += gamma * torch.sign(load - load.mean())  # raises the overloaded: they get chosen more still
+    return bias
+
+
 def _kv_bytes_no_rope_key(config, bytes_per_element):
     rope_key = config.qk_rope_head_dim if config.kv_lora_rank is not None else 0
     return _kv_bytes_ref(config, bytes_per_element) - rope_key * config.num_hidden_layers * bytes_per_element
@@ -907,7 +912,9 @@ MISTAKES = {
                              _route_biased_weights)),
     "moe_forward": (("ran every expert on every token: run each routed expert on its own tokens only",
                      _moe_dense),),
-    "update_bias": (("moved the bias of an expert exactly at the mean load: it stays", _bias_moves_mean),),
+    "update_bias": (("moved the bias of an expert exactly at the mean load: it stays", _bias_moves_mean),
+                    ("moved the biases the wrong way round: an overloaded expert's goes down by gamma",
+                     _bias_reversed)),
     "kv_bytes_per_token": (("left out MLA's shared RoPE key (qk_rope_head_dim per layer)", _kv_bytes_no_rope_key),
                            ("used the MHA/GQA formula for an MLA model: MLA caches the latent", _kv_bytes_dense)),
     "activated_params": (("left out the noaux_tc router bias (n_routed_experts per MoE layer)",
