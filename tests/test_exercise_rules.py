@@ -255,3 +255,26 @@ def test_static_check_counts_code_cells_and_says_so():
     findings = static_check.check_cells(["x = 1", "import json"], [QUESTIONS["update_bias"]], ("refimpl.moe",))
     assert findings.everything == ["code cell 2, line 1: imports json, which graded answers may not import"], \
         findings.everything
+
+
+def test_a_hanging_cell_costs_its_time_once(tmp_path, monkeypatch):
+    """A cell that runs past the cell limit is skipped in the sandbox it hung in and not run in the next ones
+    (01_attention grades in several): otherwise each sandbox waits for it and the submission's time runs out."""
+    from exercises import protocol
+    started = []
+    real_init = protocol.Conversation.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        started.append(list(self.init.get("skip", [])))
+
+    monkeypatch.setattr(grade.Conversation, "__init__", recording_init)
+    path = _submission("01_attention", {}, tmp_path / "subs", "hangs.ipynb")
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells.insert(1, nbformat.v4.new_code_cell("while True:\n    pass"))
+    nbformat.write(notebook, path)
+    [report] = grade.grade("01_attention", tmp_path / "subs", tmp_path / "out", seed=0, jobs=1, progress=False,
+                           limits=grade.Limits(cell_timeout=3))
+    hung = 0  # the code cell's index: the first code cell is otter's
+    assert len(started) >= 2 and started[0] == [] and all(s == [hung] for s in started[1:]), started
+    assert report.score == 10.0 and "code cell 1 ran longer than 3 s" in " ".join(report.notes), report.notes
