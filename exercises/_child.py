@@ -100,7 +100,7 @@ def _run_cells(cells: list[str], skip: set[int]) -> tuple[dict, list[str]]:
         result = shell.run_cell(source, store_history=False, silent=False)
         error = result.error_before_exec or result.error_in_exec
         if error is not None:
-            errors.append(f"cell {i + 1}: {_error_text(error)}")
+            errors.append(f"code cell {i + 1}: {_error_text(error)}")
     return shell.user_ns, errors
 
 

@@ -130,6 +130,7 @@ class Grader:
                 refused[q] = f"0 points: {CONTRACTS[q].kernel} {problem}"
                 del kernels[q]
         outcomes: dict[int, Outcome] = {}
+        skip: list[int] = []  # cells that hung or ended the process: not run again in the next sandboxes
         groups: dict[tuple, list[int]] = {}  # (scaffold, stand-ins) -> cases: one sandbox each
         for i, case in enumerate(self.cases):
             if case.question.name in refused:
@@ -143,7 +144,7 @@ class Grader:
             if key is None:
                 init = {"mode": "kernel", "kernels": kernels}
             else:
-                init = {"mode": "cells", "cells": cells, "stand_ins": {
+                init = {"mode": "cells", "cells": cells, "skip": skip, "stand_ins": {
                     n: (QUESTIONS[n].arg_names, QUESTIONS[n].mutated_args) for n in stand_ins}}
             runtime = self.runtimes[frozenset() if key is None else key]
             talk = Conversation(self.isolation, runtime, self.hide, self.limits, init, report.notes, deadline)
@@ -152,6 +153,8 @@ class Grader:
                           functools.partial(reference_answer, c) if stand_ins else None)
                      for c in (self.cases[i] for i in indices)]
             outcomes.update(zip(indices, talk.run(calls)))
+            if key is not None:
+                skip = talk.init["skip"]
         for i, (case, test) in enumerate(zip(self.cases, report.tests)):
             passed, test.output = verdict(case, outcomes[i])
             test.units = test.max_units if passed else 0

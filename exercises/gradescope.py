@@ -179,9 +179,8 @@ def _zero(message: str) -> dict:
 
 
 def _grade(config: dict, notebook: Path) -> dict:
-    """Gradescope's results for one notebook, from the grader's students/<id>/results.json, with the total."""
+    """Gradescope's results for one notebook: the grader's students/<id>/results.json (exact total included)."""
     from exercises import grade, sandbox
-    from exercises.scoring import UNITS
 
     isolation = sandbox.detect()
     if isolation.kind == "limits" and not config.get("allow_limits_only"):
@@ -197,7 +196,6 @@ def _grade(config: dict, notebook: Path) -> dict:
         [report] = grade.grade(config["assignment"], subs, out, int(config["seed"]), jobs=1, limits=limits,
                                progress=False, visible_share=config.get("visible_share"))
         results = json.loads((out / "students" / report.student / "results.json").read_text(encoding="utf-8"))
-    results["score"] = round(report.units / UNITS, 4)  # exact: a sum of integer units
     return results
 
 

@@ -147,7 +147,8 @@ def write(out_dir: Path, reports: list[Report], isolation: str) -> None:
     for r in reports:
         folder = out_dir / "students" / r.student
         folder.mkdir(parents=True, exist_ok=True)
-        results = {"tests": [{"name": safe_text(t.name), "score": round(t.units / UNITS, 4),
+        results = {"score": round(r.units / UNITS, 4),  # exact: Gradescope's own sum of the tests' floats is not
+                   "tests": [{"name": safe_text(t.name), "score": round(t.units / UNITS, 4),
                               "max_score": round(t.max_units / UNITS, 4), "output": safe_text(t.output),
                               "visibility": t.visibility} for t in r.tests],
                    "output": safe_text("\n".join(r.notes), 4 * MESSAGE_CAP),

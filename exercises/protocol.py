@@ -47,12 +47,13 @@ class Call:
 
 class Conversation:
     """Run `calls` in sandboxes started with `init` ({"mode": "cells", "cells": [...]} or {"mode": "kernel",
-    "kernels": {...}}); notes (cells skipped, errors) go to `notes`."""
+    "kernels": {...}}; "skip": the indices of cells not to run, which grows by each cell that hangs or ends the
+    process); notes (cells skipped, errors) go to `notes`."""
 
     def __init__(self, isolation: Isolation, runtime: Path, hide: tuple[Path, ...], limits: Limits, init: dict,
                  notes: list[str], deadline: float):
         self.isolation, self.runtime, self.hide, self.limits = isolation, runtime, hide, limits
-        self.init, self.notes, self.deadline = dict(init, skip=[]), notes, deadline
+        self.init, self.notes, self.deadline = dict(init, skip=list(init.get("skip", []))), notes, deadline
         self.sandbox: Sandbox | None = None
 
     def _note(self, text: str) -> None:
@@ -93,7 +94,7 @@ class Conversation:
                 what = {wire.Timeout: f"ran longer than {self.limits.cell_timeout:.0f} s",
                         wire.Closed: "ended the process (exit, crash or memory limit)"}.get(
                     type(error), "sent an unreadable message")
-                self._note(f"cell {current + 1} {what}: skipped, the other cells ran without it")
+                self._note(f"code cell {current + 1} {what}: skipped, the other cells ran without it")
                 self.init["skip"] = self.init["skip"] + [current]
             return False
 

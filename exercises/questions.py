@@ -702,6 +702,13 @@ def _latents_half_split(attn, hidden_states, start_pos):
 
 
 @torch.no_grad()
+def _latents_not_normalized(attn, hidden_states, start_pos):
+    attn = copy.copy(attn)
+    attn._modules = {**attn._modules, "kv_a_layernorm": torch.nn.Identity()}  # the copy's own: attn keeps its norm
+    return _mla_latents_ref(attn, hidden_states, start_pos)
+
+
+@torch.no_grad()
 def _absorbed_no_scale(attn, q_nope, q_pe, c_kv, k_pe):
     attn = copy.copy(attn)
     attn.softmax_scale = 1.0
@@ -747,6 +754,11 @@ def _moe_dense(layer, hidden_states):
 
 def _bias_moves_mean(bias, load, gamma):
     bias += gamma * torch.where(load < load.mean(), 1.0, -1.0)
+    return bias
+
+
+def _bias_reversed(bias, load, gamma):
+    bias += gamma * torch.sign(load - load.mean())  # raises the overloaded: they get chosen more still
     return bias
 
 
@@ -889,7 +901,8 @@ MISTAKES = {
     "yarn_softmax_scale": (("did not square mscale: 1/sqrt(d) * mscale^2", _yarn_scale_not_squared),
                            ("left out YaRN's temperature mscale(factor, mscale_all_dim)^2", _yarn_scale_plain)),
     "mla_latents": (("ignored start_pos: the positions start after the cached prefix", _latents_from_zero),
-                    ("rotated the two halves of k_pe, not interleaved pairs", _latents_half_split)),
+                    ("rotated the two halves of k_pe, not interleaved pairs", _latents_half_split),
+                    ("left out kv_a_layernorm: c_kv is normalized before it is cached", _latents_not_normalized)),
     "mla_absorbed": (("left out attn.softmax_scale on the scores", _absorbed_no_scale),
                      (TOP_LEFT, _absorbed_top_left)),
     "route_topk": (("left out routed_scaling_factor", _route_unscaled),
@@ -899,7 +912,9 @@ MISTAKES = {
                              _route_biased_weights)),
     "moe_forward": (("ran every expert on every token: run each routed expert on its own tokens only",
                      _moe_dense),),
-    "update_bias": (("moved the bias of an expert exactly at the mean load: it stays", _bias_moves_mean),),
+    "update_bias": (("moved the bias of an expert exactly at the mean load: it stays", _bias_moves_mean),
+                    ("moved the biases the wrong way round: an overloaded expert's goes down by gamma",
+                     _bias_reversed)),
     "kv_bytes_per_token": (("left out MLA's shared RoPE key (qk_rope_head_dim per layer)", _kv_bytes_no_rope_key),
                            ("used the MHA/GQA formula for an MLA model: MLA caches the latent", _kv_bytes_dense)),
     "activated_params": (("left out the noaux_tc router bias (n_routed_experts per MoE layer)",

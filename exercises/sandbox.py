@@ -4,7 +4,8 @@ What the submission's process sees (`build_runtime`): the Python interpreter and
 IPython), and one runtime folder holding the grader's side of the conversation (`exercises/_child.py`, `wire.py`,
 `contracts.py`, `budget.py`) and a scaffold `refimpl`: the modules the exercise may import (and the refimpl modules
 they import), with every definition the graded questions' `forbidden` lists name deleted (and deleted from the
-`from refimpl.x import ...` lines that named it). No `dskernels`, no source notebooks, no tests, no seed, no other
+`from refimpl.x import ...` lines that named it; a method is replaced by one that raises NotImplementedError
+saying that it is what the exercise asks for). No `dskernels`, no source notebooks, no tests, no seed, no other
 submission: the checkout itself is not there.
 
 Isolation, the best available (`detect`):
@@ -78,17 +79,27 @@ def closure(modules: tuple[str, ...]) -> dict[str, ast.Module]:
     return trees
 
 
+def _missing(dotted: str, name: str) -> ast.FunctionDef:
+    """A method `name` that raises NotImplementedError saying that `dotted` is what the exercise asks for."""
+    message = (f"{dotted} is not available when grading: it is what the exercise asks you to write (an answer "
+               "that calls it earns no points)")
+    return ast.parse(f"def {name}(self, *args, **kwargs):\n    raise NotImplementedError({message!r})").body[0]
+
+
 def _strip(tree: ast.Module, module: str, removed: set[str]) -> ast.Module:
     """Delete the definitions `removed` names ("refimpl.moe.update_bias", "refimpl.moe.Router.forward") from the
-    module, and the names they had from `from refimpl.x import ...` lines."""
+    module (a method: replaced by one that raises NotImplementedError saying so), and the names they had from
+    `from refimpl.x import ...` lines."""
     def keep(node, owner: str) -> bool:
         named = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
         return not (named and f"{owner}.{node.name}" in removed)
 
     tree.body = [n for n in tree.body if keep(n, module)]
     for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            node.body = [n for n in node.body if keep(n, f"{module}.{node.name}")] or [ast.Pass()]
+        if isinstance(node, ast.ClassDef):  # a method becomes one that says why it is missing: without it,
+            # torch's message for a module without `forward` would not
+            owner = f"{module}.{node.name}"
+            node.body = [n if keep(n, owner) else _missing(f"{owner}.{n.name}", n.name) for n in node.body]
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("refimpl"):
             node.names = [a for a in node.names if f"{node.module}.{a.name}" not in removed]
     tree.body = [n for n in tree.body if not (isinstance(n, ast.ImportFrom) and not n.names)]

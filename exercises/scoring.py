@@ -157,4 +157,14 @@ def verdict(case: Case, outcome: Outcome) -> tuple[bool, str]:
         problem = problem or mismatch(got, want, f"{q.arg_names[i]} after the call", q.atol, q.rtol)
     if problem is None:
         return True, "passed"
-    return False, _hidden_mismatch(problem) if case.hidden else problem
+    return False, _hidden_mismatch(problem) if case.hidden else problem + _mistake(case, reply.get("value"))
+
+
+def _mistake(case: Case, value) -> str:
+    """For a visible case, the common mistake a wrong answer matches, in the notebook check's words ('; this is
+    the answer you get if you ...'), else ''. None for a question with a memory budget: its naive mistakes need
+    the budget to be refused, which the grader's process (threads of several submissions) does not set."""
+    if case.question.memory_budget_mb is not None:
+        return ""
+    from exercises.feedback import mistake_hint  # the notebook's check and the grader say the same
+    return mistake_hint(case.question, case.args, value)

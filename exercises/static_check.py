@@ -231,8 +231,8 @@ def check_cells(cells: list[str], questions, may_import: tuple[str, ...]) -> Fin
         except Exception:  # IPython cannot read it: it cannot run it either
             continue
         if "get_ipython().system(" in code or "get_ipython().getoutput(" in code:
-            findings.everything.append(f"cell {i + 1}: runs a shell command (!...), which the grader cannot read")
-        reader.read(code, f"cell {i + 1}")
+            findings.everything.append(f"code cell {i + 1}: runs a shell command (!...), which the grader cannot read")
+        reader.read(code, f"code cell {i + 1}")
     findings.everything += [what for name, what in reader.deferred if name in reader.rebound]
     findings.everything = list(dict.fromkeys(findings.everything))
     return findings

@@ -115,7 +115,8 @@ def test_notebook_file_prefers_the_session_then_the_name(tmp_path, monkeypatch):
 
 def test_outputs_per_question_visible_share_and_no_isolation_for_students(tmp_path):
     """A renamed download grades as 02_rope; summary.csv has a column per question; `visible_share` puts that
-    share of a question's points on its visible cases, exactly; results.json does not show the isolation."""
+    share of a question's points on its visible cases, exactly; results.json has the exact total and does not show
+    the isolation."""
     subs = tmp_path / "subs"
     _submission("01_attention", {}, subs, "01_attention (1).ipynb")
     _submission("01_attention", {"causal_sdpa": "def causal_sdpa(q, k, v):\n    return q"}, subs, "wrong.ipynb")
@@ -132,7 +133,7 @@ def test_outputs_per_question_visible_share_and_no_isolation_for_students(tmp_pa
     assert sum(visible) == 20_000 and sum(hidden) == 20_000 and len(visible) == 2, (visible, hidden)
     results = json.loads((tmp_path / "out/students/wrong/results.json").read_text())
     assert "isolation" not in results["output"], results["output"]
-    assert round(sum(t["score"] for t in results["tests"]), 4) == 6.0
+    assert round(sum(t["score"] for t in results["tests"]), 4) == 6.0 and results["score"] == 6.0
     assert (tmp_path / "out/isolation.txt").read_text().startswith("isolation: ")
 
 
@@ -232,3 +233,48 @@ def test_visible_share_is_checked_and_split_exactly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["grade", "02_rope", str(tmp_path), str(tmp_path / "out"), "--seed", "1", "--visible-share", "1.5"])
     assert "--visible-share: expected a number from 0 to 1, got 1.5" in capsys.readouterr().err
+
+
+def test_grading_names_the_mistake_of_a_visible_case_only():
+    """A visible case's wrong answer that equals a common mistake is told which, as in the notebook's check; a
+    hidden case's message stays input-free."""
+    from exercises.protocol import Outcome
+    from exercises.questions import clone
+    from exercises.scoring import build_cases, verdict
+    cases = build_cases(assignments.load("02_rope"), seed=0)
+    what, half_split = QUESTIONS["rope_interleaved"].mistakes[0]
+    wrong = [(c, half_split(*clone(c.args))) for c in cases]
+    for case, value in (wrong[0], next(w for w in wrong if w[0].hidden and not w[1].allclose(w[0].expected))):
+        passed, message = verdict(case, Outcome({"value": value}))
+        assert not passed and (what in message) != case.hidden, message
+
+
+def test_static_check_counts_code_cells_and_says_so():
+    """A learner in JupyterLab sees markdown cells too: 'code cell 2' is the second code cell."""
+    from exercises import static_check
+    findings = static_check.check_cells(["x = 1", "import json"], [QUESTIONS["update_bias"]], ("refimpl.moe",))
+    assert findings.everything == ["code cell 2, line 1: imports json, which graded answers may not import"], \
+        findings.everything
+
+
+def test_a_hanging_cell_costs_its_time_once(tmp_path, monkeypatch):
+    """A cell that runs past the cell limit is skipped in the sandbox it hung in and not run in the next ones
+    (01_attention grades in several): otherwise each sandbox waits for it and the submission's time runs out."""
+    from exercises import protocol
+    started = []
+    real_init = protocol.Conversation.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        started.append(list(self.init.get("skip", [])))
+
+    monkeypatch.setattr(grade.Conversation, "__init__", recording_init)
+    path = _submission("01_attention", {}, tmp_path / "subs", "hangs.ipynb")
+    notebook = nbformat.read(path, as_version=4)
+    notebook.cells.insert(1, nbformat.v4.new_code_cell("while True:\n    pass"))
+    nbformat.write(notebook, path)
+    [report] = grade.grade("01_attention", tmp_path / "subs", tmp_path / "out", seed=0, jobs=1, progress=False,
+                           limits=grade.Limits(cell_timeout=3))
+    hung = 0  # the code cell's index: the first code cell is otter's
+    assert len(started) >= 2 and started[0] == [] and all(s == [hung] for s in started[1:]), started
+    assert report.score == 10.0 and "code cell 1 ran longer than 3 s" in " ".join(report.notes), report.notes

@@ -305,14 +305,18 @@ def test_namespaces_without_bubblewrap_hide_the_files(tmp_path, monkeypatch):
 
 
 def test_scaffold_lacks_what_the_questions_ask_for(tmp_path):
-    """The sandbox's refimpl for 04_moe's routing questions: no Router.forward, the rest importable."""
+    """The sandbox's refimpl for 04_moe's routing questions: no update_bias, a Router.forward that says why it is
+    missing, the rest importable."""
     from exercises import sandbox
     runtime = sandbox.build_runtime(tmp_path / "rt", ("refimpl.moe",), {"refimpl.moe.Router.forward",
                                                                        "refimpl.moe.update_bias"})
     assert sorted(p.name for p in (runtime / "refimpl").iterdir()) == ["__init__.py", "checks.py", "config.py",
                                                                         "known_configs", "moe.py"]
     probe = ("import torch, refimpl.moe as m\nassert not hasattr(m, 'update_bias') and hasattr(m, 'dispatch')\n"
-             "assert 'forward' not in vars(m.Router) and 'forward' in vars(m.DeepSeekMoE)")
+             "try:\n    m.Router.forward(None, torch.zeros(1))\nexcept NotImplementedError as e:\n"
+             "    assert str(e).startswith('refimpl.moe.Router.forward is not available when grading'), e\n"
+             "else:\n    raise AssertionError('Router.forward ran')\n"
+             "assert m.DeepSeekMoE.forward.__code__.co_argcount == 2")
     done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(runtime)}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-1000:]
