@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     gr.add_argument("--memory-mb", type=int, default=3072, help="address-space limit per submission")
     gr.add_argument("--cell-timeout", type=float, default=60.0, help="seconds per notebook cell")
     gr.add_argument("--call-timeout-scale", type=float, default=1.0,
-                    help="multiplies each exercise's per-call limit (10 s, 60 s for kernels)")
+                    help="multiplies each question's per-call limit (10 s; 60 s for kernels, moe_forward, "
+                         "mla_absorbed)")
     gr.add_argument("--visible-share", type=float, default=None,
                     help="share of each question's points on its visible cases, 0 to 1 (default: every case "
                          "weighs the same)")

@@ -1036,7 +1036,7 @@ QUESTIONS = {q.name: q for q in [
              routes=ATTENTION_ROUTES),
     Question("mla_absorbed", ("attn", "q_nope", "q_pe", "c_kv", "k_pe"), _mla_absorbed_args, _mla_absorbed_ref,
              MLA_FORBIDDEN, atol=1e-4, rtol=1e-3, routes=ATTENTION_ROUTES, memory_budget_mb=MLA_BUDGET_MB,
-             memory_rule=MLA_RULE),
+             memory_rule=MLA_RULE, call_timeout=60.0),  # the rule is memory; a 70 MB module travels per call
     Question("route_topk", ("gate", "x"), _route_args, _route_ref,
              ("refimpl.moe.Router.forward", "refimpl.moe.Router._limit_to_groups"), canonical=_by_expert,
              align=_in_answer_order),
